@@ -48,7 +48,7 @@ class DatasetInfo:
             raise ValueError(f"frame_shape of a {self.kind} dataset must have {want} entries, got {self.frame_shape}")
         self.frame_shape = tuple(int(s) for s in self.frame_shape)
 
-# %% ../nbs/01_data.ipynb #2572e20e
+# %% ../nbs/01_data.ipynb #6359c6ca
 def _as_index(idx, n: int) -> np.ndarray:
     "A batch index (int, slice, list, numpy or torch integer array) as an int64 numpy array, bounds-checked."
     if isinstance(idx, slice): return np.arange(n)[idx]
@@ -84,7 +84,10 @@ class SeqSplit(Dataset):
         if char.shape != (N,): raise ValueError(f"char must have shape ({N},), got {char.shape}")
         if N and ((static < 0).any() or (static >= np.asarray(info.static_classes)).any()):
             raise ValueError(f"static labels must lie in [0, static_classes) = {info.static_classes}")
-        if N and ((dynamic < 0).any() or (dynamic >= info.dynamic_classes[0]).any()):
+        if not info.dynamic_factors:
+            if N and (dynamic != -1).any():
+                raise ValueError(f"dataset {info.name!r} has no dynamic factor: dynamic labels must all be -1")
+        elif N and ((dynamic < 0).any() or (dynamic >= info.dynamic_classes[0]).any()):
             raise ValueError(f"dynamic labels must lie in [0, {info.dynamic_classes[0]})")
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}")
@@ -139,6 +142,7 @@ class DataBundle:
     val: SeqSplit
     test: SeqSplit
     info: DatasetInfo
+    stats: dict | None = None       # normalisation applied to the features (e.g. {'mean': ..., 'std': ...}), if any
 
     def splits(self) -> dict:
         return {'train': self.train, 'val': self.val, 'test': self.test}
@@ -245,7 +249,7 @@ def make_shapes(size: int = 64, seed: int = 0, T: int = 8, test_frac: float = 0.
         return SeqSplit(x[sel], st[sel], motion[sel], char[sel], info, scale)
     return DataBundle(*(split(p) for p in parts), info)
 
-# %% ../nbs/01_data.ipynb #466d7051
+# %% ../nbs/01_data.ipynb #b4b34e6d
 def _video_to_uint8(x) -> np.ndarray:
     "Video as uint8 (N, T, H, W, C) from uint8 (N, T, H, W, C) or float (N, T, C, H, W) in [0, 1]."
     if isinstance(x, torch.Tensor):
@@ -264,8 +268,8 @@ def show_sequences(x, n: int = 4, labels=None, title: str | None = None, max_fra
     if isinstance(x, SeqSplit):
         kind = x.info.kind
         if labels is None:
-            dyn = x.info.dynamic_factors[0]
-            labels = [f"#{i} id {x.char[i]} {dyn} {x.dynamic[i]}" for i in range(min(n, len(x)))]
+            dyn = x.info.dynamic_factors[0] if x.info.dynamic_factors else None
+            labels = [f"#{i} id {x.char[i]}" + (f" {dyn} {x.dynamic[i]}" if dyn else '') for i in range(min(n, len(x)))]
         x = x.x[:n]
     else:
         if not isinstance(x, (np.ndarray, torch.Tensor)):
