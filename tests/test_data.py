@@ -88,3 +88,168 @@ def test_show_sequences(shapes32):
     assert len(fig.axes) == 2
     plt.close(fig)
     with pytest.raises(TypeError, match='x must be a SeqSplit'): show_sequences([1, 2, 3])
+
+
+# ---------------------------------------------------------------- Sprites
+import functools, http.server, json, shutil, threading, warnings
+from pathlib import Path
+
+from PIL import Image
+
+from seqdis_nb import data as D
+from seqdis_nb.data import load_sprites
+
+# The spec, written out independently of the package: (action, direction) -> sheet row; action -> frame columns.
+ROWS = {('walk', 'front'): 10, ('walk', 'left'): 9, ('walk', 'right'): 11,
+        ('spellcast', 'front'): 2, ('spellcast', 'left'): 1, ('spellcast', 'right'): 3,
+        ('slash', 'front'): 14, ('slash', 'left'): 13, ('slash', 'right'): 15}
+COLS = {'walk': [8, 1, 2, 3, 4, 5, 6, 7], 'spellcast': [0, 1, 2, 3, 4, 5, 4, 6], 'slash': [0, 1, 2, 3, 4, 5, 4, 0]}
+
+
+@pytest.fixture(scope='module')
+def assets():
+    "The layer folder: $SEQDIS_SPRITES_ASSETS when set, else the package's checked download."
+    return D.sprites_assets()
+
+
+@pytest.fixture(scope='module')
+def sprites_cache(tmp_path_factory, assets):
+    return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture(scope='module')
+def sprites(sprites_cache, assets):
+    return load_sprites(assets=assets, cache=sprites_cache)
+
+
+def test_sprites_layout(sprites):
+    tr, va, te = sprites.train, sprites.val, sprites.test
+    assert (len(tr), len(va), len(te)) == (8100, 900, 2664) and len(tr) + len(va) == 9000
+    assert sprites.info.static_factors == ['body', 'bottom', 'top', 'hair'] and sprites.info.static_classes == [6] * 4
+    assert sprites.info.dynamic_classes == [9] and sprites.info.frame_shape == (3, 64, 64)
+    for s in (tr, va, te):
+        assert s.x.dtype == np.uint8 and s.x.shape[1:] == (8, 64, 64, 3)
+        assert s.static.shape == (len(s), 4) and s.dynamic.shape == (len(s),)
+        assert np.array_equal(np.bincount(s.dynamic), np.full(9, len(s) // 9))
+        c = s.char
+        assert np.array_equal(s.static, np.stack([c // 216, (c % 216) // 36, (c % 36) // 6, c % 6], 1))
+        ids, counts = np.unique(c, return_counts=True)
+        assert (counts == 9).all()
+    np.random.seed(423); perm = np.random.permutation(1296)
+    assert set(tr.char) | set(va.char) == set(perm[:1000].tolist())
+    assert set(te.char) == set(perm[1000:].tolist())
+    assert not set(tr.char) & set(va.char)
+    x, st, dy = te[0]
+    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32
+    # the reference x/256 scaling
+    s256 = load_sprites(assets=D.sprites_assets(), cache=Path(tr.x.filename).parents[1], scale=256).test
+    torch.testing.assert_close(s256[0][0] * 256, x * 255)
+
+
+@pytest.mark.parametrize('split,k', [('train', 0), ('test', 5)])
+def test_sprites_frames_match_independent_composite(sprites, assets, split, k):
+    s = getattr(sprites, split)
+    char = int(np.unique(s.char)[k])
+    b, bo, t, h = char // 216, (char % 216) // 36, (char % 36) // 6, char % 6
+    sheet = Image.new('RGBA', (832, 1344), (0, 0, 0, 255))
+    for f in [f'body/{b}.png', f'bottomwear/{bo}.png', f'topwear/{t}.png', f'hair/{h}.png', 'shoes/1.png']:
+        sheet = Image.alpha_composite(sheet, Image.open(Path(assets) / f).convert('RGBA'))
+    rows = np.flatnonzero(s.char == char)
+    assert len(rows) == 9
+    for ai, a in enumerate(['walk', 'spellcast', 'slash']):
+        for di, d in enumerate(['front', 'left', 'right']):
+            (i,) = rows[s.dynamic[rows] == 3 * ai + di]
+            r = ROWS[a, d]
+            want = np.stack([np.asarray(sheet.crop((64 * c, 64 * r, 64 * c + 64, 64 * r + 64)))[..., :3]
+                             for c in COLS[a]])
+            np.testing.assert_array_equal(s.x[i], want, err_msg=f'char {char} {a} {d}')
+    assert s.x[rows].std() > 10  # not a blank canvas
+
+
+def test_sprites_cache_corruption_rebuilt(sprites, sprites_cache, assets):
+    folder = Path(sprites_cache) / 'sprites-v1'
+    ref = np.array(sprites.test.x[:9])
+    man = json.loads((folder / 'manifest.json').read_text())
+    assert set(man['files']) == {'x.npy', 'labels.npz'}
+    # flip one byte in the middle of the frames (the rebuild replaces the file; nothing reads these frames later)
+    p = folder / 'x.npy'
+    with open(p, 'r+b') as f:
+        f.seek(p.stat().st_size // 2); b = f.read(1); f.seek(-1, 1); f.write(bytes([b[0] ^ 0xFF]))
+    assert 'SHA-256' in D._check_sprites_cache(folder, None)
+    with pytest.warns(UserWarning, match='not usable .*SHA-256.*rebuilding'):
+        again = load_sprites(assets=assets, cache=sprites_cache)
+    np.testing.assert_array_equal(again.test.x[:9], ref)
+    assert D._check_sprites_cache(folder, None) is None
+    # partial caches are detected without hashing: truncated frames, missing manifest
+    with open(p, 'r+b') as f: size = f.seek(0, 2)
+    man = json.loads((folder / 'manifest.json').read_text())
+    assert man['files']['x.npy']['size'] == size == 11664 * 8 * 64 * 64 * 3 + 128
+    (folder / 'manifest.json').rename(folder / 'manifest.bak')
+    assert 'manifest.json is missing' in D._check_sprites_cache(folder, None)
+    (folder / 'manifest.bak').rename(folder / 'manifest.json')
+    (folder / 'manifest.json').write_text('{"format": "seqdis_nb sprites v1", "files": {')
+    assert 'unreadable' in D._check_sprites_cache(folder, None)
+    (folder / 'manifest.json').write_text(json.dumps(man))
+    assert D._check_sprites_cache(folder, man['assets']) is None
+
+
+@pytest.fixture
+def served(tmp_path, assets):
+    "A local http.server on 127.0.0.1 serving a copy of the layer folder: (folder, base_url)."
+    mirror = tmp_path / 'mirror'
+    shutil.copytree(assets, mirror, ignore=shutil.ignore_patterns('*LICENSE*'))
+    h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    h.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), h)
+    th = threading.Thread(target=srv.serve_forever, daemon=True); th.start()
+    yield mirror, f'http://127.0.0.1:{srv.server_address[1]}'
+    srv.shutdown(); srv.server_close(); th.join()
+
+
+def test_download_all_and_verify(served, tmp_path, monkeypatch):
+    mirror, url = served
+    monkeypatch.delenv('SEQDIS_SPRITES_ASSETS', raising=False)
+    monkeypatch.setenv('SEQDIS_SPRITES_URL', url)
+    folder = D.sprites_assets(cache=tmp_path / 'c')             # no assets given: download into the cache, checked
+    assert folder == tmp_path / 'c' / 'lpc_sprites'
+    sums = D.sprites_checksums()
+    assert len(sums) == 39
+    for rel, h in sums.items(): assert D._sha256(folder / rel) == h
+    assert not list(folder.rglob('*.part'))
+    # a second call finds the files and downloads nothing (the server is not needed)
+    assert D.download_sprites_assets(folder, base_url='http://127.0.0.1:9/') == folder
+
+
+def test_download_tampered_refused(served, tmp_path):
+    mirror, url = served
+    (mirror / 'topwear/4.png').write_bytes((mirror / 'topwear/4.png').read_bytes() + b'\0')
+    with pytest.raises(ValueError, match='checksum mismatch for sprite layer topwear/4.png'):
+        D.download_sprites_assets(tmp_path / 'dl', base_url=url, files=['topwear/3.png', 'topwear/4.png'])
+    assert (tmp_path / 'dl/topwear/3.png').exists() and not (tmp_path / 'dl/topwear/4.png').exists()
+    assert not (tmp_path / 'dl/topwear/4.png.part').exists()
+    (mirror / 'topwear/5.png').unlink()
+    with pytest.raises(ConnectionError, match='could not download sprite layer topwear/5.png'):
+        D.download_sprites_assets(tmp_path / 'dl', base_url=url, files=['topwear/5.png'])
+    with pytest.raises(ValueError, match='files must be upstream layer files'):
+        D.download_sprites_assets(tmp_path / 'dl', base_url=url, files=['topwear/99.png'])
+
+
+def test_sprites_bad_assets(tmp_path, assets):
+    with pytest.raises(ValueError, match='does not exist or is not a folder'):
+        D.sprites_assets(tmp_path / 'nope')
+    bad = tmp_path / 'layers'
+    shutil.copytree(assets, bad, ignore=shutil.ignore_patterns('*LICENSE*'))
+    (bad / 'hair/3.png').unlink()
+    with pytest.raises(ValueError, match=r"lacks 1 layer file\(s\): \['hair/3.png'\]"):
+        D.sprites_assets(bad)
+    (bad / 'hair/3.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 50)        # corrupt PNG
+    with pytest.raises(ValueError, match='differ from the upstream files'):
+        D.load_sprite_layers(bad)
+    with pytest.raises(ValueError, match='hair/3.png is not a readable PNG'):
+        D.load_sprite_layers(bad, verify=False)
+    Image.new('RGBA', (64, 64)).save(bad / 'hair/3.png')                           # wrong sheet size
+    with pytest.raises(ValueError, match='must be a 832x1344 sheet'):
+        D.load_sprite_layers(bad, verify=False)
+    with pytest.raises(ValueError, match='val_chars must be an integer'):
+        load_sprites(assets=assets, cache=tmp_path / 'c', val_chars=1000)
+    assert not (tmp_path / 'c' / 'sprites-v1').exists()
