@@ -16,10 +16,11 @@ from torch.utils.data import Dataset
 # %% auto #0
 __all__ = ['SHAPES_FACTORS', 'SHAPES_MOTIONS', 'SPRITES_REPO', 'SPRITES_COMMIT', 'SPRITES_URL', 'SPRITES_LAYERS',
            'SPRITES_STATIC', 'SPRITES_SHOES', 'SPRITES_ACTIONS', 'SPRITES_DIRECTIONS', 'SPRITES_N_CHARS',
-           'SPRITES_N_TRAIN', 'SPRITES_SEED', 'DatasetInfo', 'SeqSplit', 'DataBundle', 'render_shapes', 'make_shapes',
-           'show_sequences', 'sprites_dynamic_names', 'sprites_factors', 'sprites_split_chars', 'sprites_checksums',
-           'sprites_needed_files', 'download_sprites_assets', 'cache_dir', 'sprites_assets', 'load_sprite_layers',
-           'render_sprites', 'sprites_labels', 'build_sprites_cache', 'load_sprites']
+           'SPRITES_N_TRAIN', 'SPRITES_SEED', 'DATASETS', 'DatasetInfo', 'SeqSplit', 'DataBundle', 'render_shapes',
+           'make_shapes', 'show_sequences', 'sprites_dynamic_names', 'sprites_factors', 'sprites_split_chars',
+           'sprites_checksums', 'sprites_needed_files', 'download_sprites_assets', 'cache_dir', 'sprites_assets',
+           'load_sprite_layers', 'render_sprites', 'sprites_labels', 'build_sprites_cache', 'load_sprites',
+           'load_dataset']
 
 # %% ../nbs/01_data.ipynb #d7855249
 @dataclass
@@ -584,3 +585,17 @@ def load_sprites(assets=None, cache=None, val_chars: int = 100, scale: float = 2
     n_tr = (SPRITES_N_TRAIN - val_chars) * 9
     cuts = [(0, n_tr), (n_tr, SPRITES_N_TRAIN * 9), (SPRITES_N_TRAIN * 9, len(x))]
     return DataBundle(*(SeqSplit(x[a:b], static[a:b], dynamic[a:b], char[a:b], info, scale) for a, b in cuts), info)
+
+# %% ../nbs/01_data.ipynb #09652501
+DATASETS = {'shapes': 'seqdis_nb.data:make_shapes', 'sprites': 'seqdis_nb.data:load_sprites',
+            'japanese_vowels': 'seqdis_nb.sequences:load_japanese_vowels',
+            'italy_power_demand': 'seqdis_nb.sequences:load_italy_power_demand',
+            'basic_motions': 'seqdis_nb.sequences:load_basic_motions', 'timit': 'seqdis_nb.sequences:load_timit',
+            'etth1': 'seqdis_nb.sequences:load_etth1', 'physionet2012': 'seqdis_nb.sequences:load_physionet2012'}
+
+def load_dataset(name: str, **kwargs) -> DataBundle:
+    "Load dataset `name` (a key of `DATASETS`) with its loader's keyword arguments."
+    import importlib
+    if name not in DATASETS: raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
+    mod, fn = DATASETS[name].split(':')
+    return getattr(importlib.import_module(mod), fn)(**kwargs)
