@@ -91,7 +91,7 @@ def test_show_sequences(shapes32):
 
 
 # ---------------------------------------------------------------- Sprites
-import functools, http.server, json, shutil, threading, warnings
+import functools, http.server, json, shutil, threading
 from pathlib import Path
 
 from PIL import Image
@@ -114,7 +114,10 @@ def assets():
 
 @pytest.fixture(scope='module')
 def sprites_cache(tmp_path_factory, assets):
-    return tmp_path_factory.mktemp('cache')
+    "A fresh cache folder for this module, deleted afterwards (the frames take 1.1 GB)."
+    d = tmp_path_factory.mktemp('cache')
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -122,7 +125,7 @@ def sprites(sprites_cache, assets):
     return load_sprites(assets=assets, cache=sprites_cache)
 
 
-def test_sprites_layout(sprites):
+def test_sprites_layout(sprites, sprites_cache):
     tr, va, te = sprites.train, sprites.val, sprites.test
     assert (len(tr), len(va), len(te)) == (8100, 900, 2664) and len(tr) + len(va) == 9000
     assert sprites.info.static_factors == ['body', 'bottom', 'top', 'hair'] and sprites.info.static_classes == [6] * 4
@@ -133,16 +136,16 @@ def test_sprites_layout(sprites):
         assert np.array_equal(np.bincount(s.dynamic), np.full(9, len(s) // 9))
         c = s.char
         assert np.array_equal(s.static, np.stack([c // 216, (c % 216) // 36, (c % 36) // 6, c % 6], 1))
-        ids, counts = np.unique(c, return_counts=True)
-        assert (counts == 9).all()
+        assert (np.unique(c, return_counts=True)[1] == 9).all()
     np.random.seed(423); perm = np.random.permutation(1296)
     assert set(tr.char) | set(va.char) == set(perm[:1000].tolist())
     assert set(te.char) == set(perm[1000:].tolist())
     assert not set(tr.char) & set(va.char)
     x, st, dy = te[0]
     assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32
+    assert torch.equal(st, torch.from_numpy(te.static[0])) and int(dy) == te.dynamic[0]
     # the reference x/256 scaling
-    s256 = load_sprites(assets=D.sprites_assets(), cache=Path(tr.x.filename).parents[1], scale=256).test
+    s256 = load_sprites(cache=sprites_cache, scale=256).test         # a valid cache needs no assets
     torch.testing.assert_close(s256[0][0] * 256, x * 255)
 
 
@@ -207,7 +210,7 @@ def served(tmp_path, assets):
 
 
 def test_download_all_and_verify(served, tmp_path, monkeypatch):
-    mirror, url = served
+    _, url = served
     monkeypatch.delenv('SEQDIS_SPRITES_ASSETS', raising=False)
     monkeypatch.setenv('SEQDIS_SPRITES_URL', url)
     folder = D.sprites_assets(cache=tmp_path / 'c')             # no assets given: download into the cache, checked
@@ -270,7 +273,7 @@ def _check_bundle(b, T, F, static_factors, dynamic_factors):
         assert s.static.shape == (len(s), len(static_factors))
         if not dynamic_factors: assert (s.dynamic == -1).all()
         x, st, dy = s[0]
-        assert x.shape == (T, F) and x.dtype == torch.float32 and dy.dim() == 0
+        assert x.shape == (T, F) and x.dtype == torch.float32 and dy.dim() == 0 and st.shape == (len(static_factors),)
     assert not set(b.val.char) & set(b.train.char) and not set(b.test.char) & (set(b.train.char) | set(b.val.char))
 
 
@@ -373,8 +376,7 @@ def _ett(path, hours):
 def test_etth1_standard_split(tmp_path):
     _ett(tmp_path / 'ETTh1.csv', 17420)
     b = S.load_etth1(tmp_path, seq_len=96, stride=1)
-    _check_bundle_ett = lambda s: s.x.shape[1:] == (96, 7)
-    assert all(_check_bundle_ett(s) for s in b.splits().values())
+    assert all(s.x.shape[1:] == (96, 7) for s in b.splits().values())
     assert (len(b.train), len(b.val), len(b.test)) == (8640 - 96 + 1, 2880 + 1, 2880 + 1)
     assert b.train.char[-1] + 96 == 8640 and b.val.char[0] == 8640 - 96 and b.test.char[-1] + 96 == 14400
     # standardised with the training months only
@@ -384,7 +386,7 @@ def test_etth1_standard_split(tmp_path):
     assert b.info.static_classes == [12] and b.info.dynamic_classes == [24]
     assert b.train.static[0, 0] == 6 and b.train.dynamic[5] == 5       # July; window starting at 05:00
     x, s, d = b.val[0]
-    assert x.shape == (96, 7) and s.shape == (1,)
+    assert x.shape == (96, 7) and s.shape == (1,) and int(d) == b.val.dynamic[0]
 
 
 def test_etth1_bad_input(tmp_path):
