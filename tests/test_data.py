@@ -82,7 +82,9 @@ def test_show_sequences(shapes32):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig = show_sequences(shapes32.test, n=3)
-    assert len(fig.axes) == 3 * 8
+    grid = fig.axes[0].images[0].get_array()
+    assert grid.shape == (3 * 34 - 2, 8 * 34 - 2, 3)
+    np.testing.assert_array_equal(grid[68:100, 34 * 7:34 * 7 + 32], shapes32.test.x[2, 7])
     plt.close(fig)
     fig = show_sequences(torch.rand(2, 5, 7), n=2)  # features over time: one line plot per sequence
     assert len(fig.axes) == 2
