@@ -246,6 +246,7 @@ def _as_config(config) -> DBSEConfig:
 class DBSE(nn.Module):
     "DBSE: static code from the first element, dynamic codes from features with the first element subtracted."
     kind = 'dbse'
+    config_class = DBSEConfig
 
     def __init__(self, config: DBSEConfig | str | dict = 'sprites'):
         super().__init__()
@@ -413,8 +414,10 @@ class DBSE(nn.Module):
                 'kl_s': cfg.w_kl_s * kl_s.sum() / B,
                 'kl_d': cfg.w_kl_d * kl_d.sum() / B}
 
-    def training_loss(self, x: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        "The training objective for batch x: (loss, detached weighted terms). DBSE has no annealing: `epoch` is unused."
+    def training_loss(self, x: torch.Tensor, epoch: int = 0,
+                      n_data: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective for batch x: (loss, detached weighted terms). DBSE has no annealing and no
+        dataset-size-dependent term: `epoch` and `n_data` (the training-set size) are accepted and unused."""
         terms = self.loss_terms(x, self(x))
         loss = sum(terms.values())
         return loss, {k: v.detach() for k, v in terms.items()}
