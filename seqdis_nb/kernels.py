@@ -93,17 +93,27 @@ def _block(n: int, cap: int) -> int:
 
 SUB_FIRST_BLOCK, KL_BLOCK_F, KL_BLOCK_N, NUM_WARPS = 1024, 1024, 1024, 4
 
+def _launch_sub_first_fwd(h, noise, seed, h0, y):
+    "Fill `h0` (B, G) and `y` (B, T, G) from contiguous `h`; noise from `noise`, or from `seed` when it is None."
+    B, T, G = h.shape
+    BLOCK_G = _block(G, SUB_FIRST_BLOCK)
+    _sub_first_fwd_kernel[(B, triton.cdiv(G, BLOCK_G))](h, h0 if noise is None else noise, h0, y, T, G, seed,
+                                                         NOISE_FROM_SEED=noise is None, BLOCK_G=BLOCK_G,
+                                                         num_warps=NUM_WARPS)
+
+def _launch_sub_first_bwd(dy, dh0, dh):
+    "Fill `dh` (B, T, G) from contiguous `dy` (B, T, G) and `dh0` (B, G) or None."
+    B, T, G = dy.shape
+    BLOCK_G = _block(G, SUB_FIRST_BLOCK)
+    _sub_first_bwd_kernel[(B, triton.cdiv(G, BLOCK_G))](dy, dy if dh0 is None else dh0, dh, T, G,
+                                                        HAS_DH0=dh0 is not None, BLOCK_G=BLOCK_G, num_warps=NUM_WARPS)
+
 @torch.library.custom_op('seqdis_nb::sub_first_fwd', mutates_args=())
 def _sub_first_fwd(h: torch.Tensor, noise: Optional[torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Launch `_sub_first_fwd_kernel`: `(h0 (B, G), y (B, T, G))`; noise from `noise`, or from `seed` when it is None."
+    "The forward as one opaque op: `(h0 (B, G), y (B, T, G))`."
     h = h.contiguous()
-    B, T, G = h.shape
-    h0, y = h.new_empty(B, G), torch.empty_like(h)
-    from_seed = noise is None
-    noise = h0 if from_seed else noise.contiguous()        # a placeholder pointer when the noise is drawn in-kernel
-    BLOCK_G = _block(G, SUB_FIRST_BLOCK)
-    _sub_first_fwd_kernel[(B, triton.cdiv(G, BLOCK_G))](h, noise, h0, y, T, G, seed, NOISE_FROM_SEED=from_seed,
-                                                         BLOCK_G=BLOCK_G, num_warps=NUM_WARPS)
+    h0, y = h.new_empty(h.shape[0], h.shape[2]), torch.empty_like(h)
+    _launch_sub_first_fwd(h, None if noise is None else noise.contiguous(), seed, h0, y)
     return h0, y
 
 @_sub_first_fwd.register_fake
@@ -112,13 +122,10 @@ def _(h, noise, seed):
 
 @torch.library.custom_op('seqdis_nb::sub_first_bwd', mutates_args=())
 def _sub_first_bwd(dy: torch.Tensor, dh0: Optional[torch.Tensor]) -> torch.Tensor:
-    "Launch `_sub_first_bwd_kernel`: dh (B, T, G) from dy (B, T, G) and dh0 (B, G) or None."
+    "The backward as one opaque op: dh (B, T, G) from dy (B, T, G) and dh0 (B, G) or None."
     dy = dy.contiguous()
-    B, T, G = dy.shape
     dh = torch.empty_like(dy)
-    BLOCK_G = _block(G, SUB_FIRST_BLOCK)
-    _sub_first_bwd_kernel[(B, triton.cdiv(G, BLOCK_G))](dy, dy if dh0 is None else dh0.contiguous(), dh, T, G,
-                                                        HAS_DH0=dh0 is not None, BLOCK_G=BLOCK_G, num_warps=NUM_WARPS)
+    _launch_sub_first_bwd(dy, None if dh0 is None else dh0.contiguous(), dh)
     return dh
 
 @_sub_first_bwd.register_fake
@@ -140,29 +147,60 @@ class SubFirstFunction(torch.autograd.Function):
         dh = _sub_first_bwd(dy, dh0)
         return dh, (dy[:, 0] if ctx.needs_input_grad[1] else None), None
 
+def _check_seed(seed):
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31) when noise is None, got {seed!r}")
+
 def sub_first_triton(h: torch.Tensor, noise: torch.Tensor | None = None,
                      seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Fused `sub_first`: `h` (B, T>=2, G) and `noise` (B, G), or `noise=None` and a `seed` for in-kernel philox noise."
     if noise is None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed must be an int in [0, 2**31) when noise is None, got {seed!r}")
+        _check_seed(seed)
         check_tensor(h, 'h', ndim=3, finite=False, min_len=2)
+        if h.shape[0] * h.shape[2] >= 2**31:
+            raise ValueError(f"h {tuple(h.shape)} has B*G >= 2**31: too many for the in-kernel noise's int32 counter")
     else:
         if seed is not None: raise ValueError("give noise or seed, not both")
         _check_sub_first(h, noise)
     _check_runnable('h', h)
-    if h.shape[0] * h.shape[2] >= 2**31: raise ValueError(f"h is too large for int32 indexing: {tuple(h.shape)}")
     return SubFirstFunction.apply(h, noise, 0 if seed is None else seed)
 
 def philox_noise(seed: int, B: int, G: int, dtype=torch.float32, device=None) -> torch.Tensor:
     "The (B, G) noise `sub_first_triton(h, seed=seed)` draws in-kernel, materialised (to check it against the reference)."
+    _check_seed(seed)
     out = torch.empty(B, G, dtype=dtype, device=device)
     _check_runnable('the noise', out)
     BLOCK = _block(B * G, 1024)
     _philox_noise_kernel[(triton.cdiv(B * G, BLOCK),)](out, B * G, seed, BLOCK=BLOCK)
     return out
 
-# %% ../nbs/08_kernels.ipynb #d6daae7d
+# %% ../nbs/08_kernels.ipynb #11f1f8ea
+@triton.jit
+def _expm1(x):
+    "e^x - 1 without cancellation near 0: Taylor series through x^8 for |x| < 0.5 (relative error < 1e-8)."
+    p = 1.0 / 40320.0
+    p = 1.0 / 5040.0 + x * p
+    p = 1.0 / 720.0 + x * p
+    p = 1.0 / 120.0 + x * p
+    p = 1.0 / 24.0 + x * p
+    p = 1.0 / 6.0 + x * p
+    p = 0.5 + x * p
+    p = 1.0 + x * p
+    return tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)
+
+@triton.jit
+def _expm1_minus_x(x):
+    "e^x - 1 - x >= 0 without cancellation near 0: Taylor series through x^9 for |x| < 0.5 (relative error < 1e-8)."
+    p = 1.0 / 362880.0
+    p = 1.0 / 40320.0 + x * p
+    p = 1.0 / 5040.0 + x * p
+    p = 1.0 / 720.0 + x * p
+    p = 1.0 / 120.0 + x * p
+    p = 1.0 / 24.0 + x * p
+    p = 1.0 / 6.0 + x * p
+    p = 0.5 + x * p
+    return tl.where(tl.abs(x) < 0.5, x * x * p, tl.exp(x) - 1.0 - x)
+
 @triton.jit
 def _gauss_kl_fwd_kernel(sm_ptr, sl_ptr,      # (B, F) static posterior mean, log-variance
                          qm_ptr, ql_ptr,      # (B, T, Z) dynamic posterior mean, log-variance
@@ -177,7 +215,7 @@ def _gauss_kl_fwd_kernel(sm_ptr, sl_ptr,      # (B, F) static posterior mean, lo
         m = i < F
         mu = tl.load(sm_ptr + b * F + i, mask=m, other=0.0).to(tl.float32)
         lv = tl.load(sl_ptr + b * F + i, mask=m, other=0.0).to(tl.float32)
-        acc += tl.where(m, tl.exp(lv) + mu * mu - 1.0 - lv, 0.0)
+        acc += tl.where(m, _expm1_minus_x(lv) + mu * mu, 0.0)               # (e^lv - 1 - lv) + mu^2
     tl.store(kls_ptr + b, (0.5 * tl.sum(acc, axis=0)).to(kls_ptr.dtype.element_ty))
     acc_d = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
@@ -188,7 +226,8 @@ def _gauss_kl_fwd_kernel(sm_ptr, sl_ptr,      # (B, F) static posterior mean, lo
         mp = tl.load(pm_ptr + b * N + i, mask=m, other=0.0).to(tl.float32)
         lp = tl.load(pl_ptr + b * N + i, mask=m, other=0.0).to(tl.float32)
         dm = mq - mp
-        acc_d += tl.where(m, lp - lq + (tl.exp(lq) + dm * dm) * tl.exp(-lp) - 1.0, 0.0)
+        # lp - lq + (e^lq + dm^2) e^-lp - 1 = (e^r - 1 - r) + dm^2 e^-lp with r = lq - lp: two terms >= 0
+        acc_d += tl.where(m, _expm1_minus_x(lq - lp) + dm * dm * tl.exp(-lp), 0.0)
     tl.store(kld_ptr + b, (0.5 * tl.sum(acc_d, axis=0)).to(kld_ptr.dtype.element_ty))
 
 @triton.jit
@@ -207,7 +246,7 @@ def _gauss_kl_bwd_kernel(sm_ptr, sl_ptr, qm_ptr, ql_ptr, pm_ptr, pl_ptr,   # the
         mu = tl.load(sm_ptr + b * F + i, mask=m, other=0.0).to(tl.float32)
         lv = tl.load(sl_ptr + b * F + i, mask=m, other=0.0).to(tl.float32)
         tl.store(dsm_ptr + b * F + i, (gs * mu).to(dsm_ptr.dtype.element_ty), mask=m)
-        tl.store(dsl_ptr + b * F + i, (0.5 * gs * (tl.exp(lv) - 1.0)).to(dsl_ptr.dtype.element_ty), mask=m)
+        tl.store(dsl_ptr + b * F + i, (0.5 * gs * _expm1(lv)).to(dsl_ptr.dtype.element_ty), mask=m)
     for start in range(0, N, BLOCK_N):
         i = start + tl.arange(0, BLOCK_N)
         m = i < N
@@ -218,23 +257,33 @@ def _gauss_kl_bwd_kernel(sm_ptr, sl_ptr, qm_ptr, ql_ptr, pm_ptr, pl_ptr,   # the
         inv_p = tl.exp(-lp)                       # 1 / sigma_p^2
         dm = mq - mp
         g_mean = gd * dm * inv_p
-        eq = tl.exp(lq) * inv_p                   # sigma_q^2 / sigma_p^2
+        ratm1 = _expm1(lq - lp)                   # sigma_q^2 / sigma_p^2 - 1
         tl.store(dqm_ptr + b * N + i, g_mean.to(dqm_ptr.dtype.element_ty), mask=m)
         tl.store(dpm_ptr + b * N + i, (-g_mean).to(dpm_ptr.dtype.element_ty), mask=m)
-        tl.store(dql_ptr + b * N + i, (0.5 * gd * (eq - 1.0)).to(dql_ptr.dtype.element_ty), mask=m)
-        tl.store(dpl_ptr + b * N + i, (0.5 * gd * (1.0 - eq - dm * dm * inv_p)).to(dpl_ptr.dtype.element_ty), mask=m)
+        tl.store(dql_ptr + b * N + i, (0.5 * gd * ratm1).to(dql_ptr.dtype.element_ty), mask=m)
+        tl.store(dpl_ptr + b * N + i, (-0.5 * gd * (ratm1 + dm * dm * inv_p)).to(dpl_ptr.dtype.element_ty), mask=m)
 
-# %% ../nbs/08_kernels.ipynb #ab2b1447
+# %% ../nbs/08_kernels.ipynb #5138c72a
+def _launch_gauss_kl_fwd(ins, kl_s, kl_d):
+    "Fill `kl_s`, `kl_d` (B,) from the six contiguous inputs `ins`."
+    B, F = ins[0].shape
+    N = ins[2].shape[1] * ins[2].shape[2]
+    _gauss_kl_fwd_kernel[(B,)](*ins, kl_s, kl_d, F, N, BLOCK_F=_block(F, KL_BLOCK_F), BLOCK_N=_block(N, KL_BLOCK_N),
+                               num_warps=NUM_WARPS)
+
+def _launch_gauss_kl_bwd(ins, g_s, g_d, outs):
+    "Fill the six gradients `outs` (shaped like `ins`) given the upstream gradients `g_s`, `g_d` (B,)."
+    B, F = ins[0].shape
+    N = ins[2].shape[1] * ins[2].shape[2]
+    _gauss_kl_bwd_kernel[(B,)](*ins, g_s, g_d, *outs, F, N, BLOCK_F=_block(F, KL_BLOCK_F),
+                               BLOCK_N=_block(N, KL_BLOCK_N), num_warps=NUM_WARPS)
+
 @torch.library.custom_op('seqdis_nb::gauss_kl_fwd', mutates_args=())
 def _gauss_kl_fwd(s_mean: torch.Tensor, s_logvar: torch.Tensor, q_mean: torch.Tensor, q_logvar: torch.Tensor,
                   p_mean: torch.Tensor, p_logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Launch `_gauss_kl_fwd_kernel`: `(kl_s, kl_d)`, each (B,), in the inputs' dtype (accumulated in float32)."
-    B, F = s_mean.shape
-    N = q_mean.shape[1] * q_mean.shape[2]
-    kl_s, kl_d = s_mean.new_empty(B), s_mean.new_empty(B)
-    _gauss_kl_fwd_kernel[(B,)](*(t.contiguous() for t in (s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar)),
-                               kl_s, kl_d, F, N, BLOCK_F=_block(F, KL_BLOCK_F), BLOCK_N=_block(N, KL_BLOCK_N),
-                               num_warps=NUM_WARPS)
+    "The forward as one opaque op: `(kl_s, kl_d)`, each (B,), in the inputs' dtype (accumulated in float32)."
+    kl_s, kl_d = s_mean.new_empty(s_mean.shape[0]), s_mean.new_empty(s_mean.shape[0])
+    _launch_gauss_kl_fwd([t.contiguous() for t in (s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar)], kl_s, kl_d)
     return kl_s, kl_d
 
 @_gauss_kl_fwd.register_fake
@@ -245,13 +294,10 @@ def _(s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar):
 def _gauss_kl_bwd(s_mean: torch.Tensor, s_logvar: torch.Tensor, q_mean: torch.Tensor, q_logvar: torch.Tensor,
                   p_mean: torch.Tensor, p_logvar: torch.Tensor, g_s: torch.Tensor,
                   g_d: torch.Tensor) -> list[torch.Tensor]:
-    "Launch `_gauss_kl_bwd_kernel`: the gradients of the six inputs given the upstream gradients g_s, g_d (B,)."
+    "The backward as one opaque op: the gradients of the six inputs, recomputed from them."
     ins = [t.contiguous() for t in (s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar)]
     outs = [torch.empty_like(t) for t in ins]
-    B, F = s_mean.shape
-    N = q_mean.shape[1] * q_mean.shape[2]
-    _gauss_kl_bwd_kernel[(B,)](*ins, g_s.contiguous(), g_d.contiguous(), *outs, F, N,
-                               BLOCK_F=_block(F, KL_BLOCK_F), BLOCK_N=_block(N, KL_BLOCK_N), num_warps=NUM_WARPS)
+    _launch_gauss_kl_bwd(ins, g_s.contiguous(), g_d.contiguous(), outs)
     return outs
 
 @_gauss_kl_bwd.register_fake
@@ -276,7 +322,7 @@ def gauss_kl_triton(s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar) -> tup
     _check_runnable('s_mean', s_mean)
     return GaussKLFunction.apply(s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar)
 
-# %% ../nbs/08_kernels.ipynb #effc9a80
+# %% ../nbs/08_kernels.ipynb #c163fc78
 _NO_KERNEL = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', 'lift_fresh', 'detach'}
 _WRITE_ONLY = {'fill_', 'zero_', 'copy_'}        # their first argument is written, not read
 
@@ -343,7 +389,7 @@ def hot_path_traffic(B: int, T: int, g: int, f: int, z: int, dtype=torch.float32
            ('gauss_kl', 'eager'): gauss_kl_ref, ('gauss_kl', 'fused'): gauss_kl_triton}
     return {k: count_traffic(fn, *ins[k[0]]) for k, fn in fns.items()}
 
-# %% ../nbs/08_kernels.ipynb #74d6e1fb
+# %% ../nbs/08_kernels.ipynb #e6b729a8
 def _aot_specs(dtype: str = 'fp32', T: int = 8, g: int = 256, f: int = 256, z: int = 256) -> list:
     """(name, kernel, runtime ints, constexprs) of every launch at a model size (default: the Sprites preset);
     the pointers are `*dtype`. The ints' values only decide their divisibility-by-16 hints, as the JIT would."""
