@@ -8,7 +8,8 @@ Sprites preset's widths (T=8, g=f=z=256), with the achieved GB/s (bytes counted 
     python bench/kernels.py --smoke         # any machine; the default without CUDA: the interpreter, tiny sizes
 
 The smoke run executes the same code end to end in Triton's CPU interpreter; its timings are wall-clock medians
-of interpreted numpy code and say nothing about GPU speed.
+of interpreted numpy code and say nothing about GPU speed. (`do_bench` flushes the L2 cache before every run, so
+the GPU times are cold-cache, as the byte counts assume.)
 """
 import argparse, os, statistics, sys, time
 
@@ -77,9 +78,9 @@ def main(argv=None) -> int:
                 if not err < tol: print(f'{op} B={B}: fused differs from eager (rel err {err:.2e})'); return 1
             for name, bytes_of in (('fwd', lambda t: t.fwd_bytes), ('fwd+bwd', lambda t: t.nbytes)):
                 def run(fn):
-                    if name == 'fwd':
-                        with torch.no_grad(): return lambda: fn(*x)
-                    return lambda: torch.autograd.grad(fn(*x), leaves, ups)
+                    def fwd():
+                        with torch.no_grad(): return fn(*x)
+                    return fwd if name == 'fwd' else lambda: torch.autograd.grad(fn(*x), leaves, ups)
                 te, tf = timer(run(eager)), timer(run(fused))
                 be, bf = bytes_of(traffic[op, 'eager']), bytes_of(traffic[op, 'fused'])
                 floor_us = bf / FLOOR_BYTES_PER_S * 1e6

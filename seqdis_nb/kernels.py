@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from triton.backends.compiler import GPUTarget
@@ -142,6 +143,7 @@ class SubFirstFunction(torch.autograd.Function):
         return _sub_first_fwd(h, noise, seed)
 
     @staticmethod
+    @once_differentiable                     # the backward kernel has no backward of its own
     def backward(ctx, dh0, dy):
         if dy is None: dy = dh0.new_zeros(ctx.shape)         # only h0 was used
         dh = _sub_first_bwd(dy, dh0)
@@ -313,6 +315,7 @@ class GaussKLFunction(torch.autograd.Function):
         return _gauss_kl_fwd(s_mean, s_logvar, q_mean, q_logvar, p_mean, p_logvar)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_s, g_d):
         return tuple(_gauss_kl_bwd(*ctx.saved_tensors, g_s, g_d))
 
