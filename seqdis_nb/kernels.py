@@ -36,7 +36,7 @@ def _check_runnable(name: str, t: torch.Tensor) -> None:
                         f"{str(t.dtype).replace('torch.', '')}; use backend='torch' for other dtypes")
     if t.device.type == 'meta' or t.is_cuda or INTERPRETED: return
     raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
-                     "before seqdis_nb.kernels is first imported (the interpreter is chosen at import time)")
+                     "before triton and seqdis_nb.kernels are first imported (the interpreter is chosen at import)")
 
 # %% ../nbs/08_kernels.ipynb #fc088c41
 @triton.jit

@@ -27,8 +27,8 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if backend == 'auto':   # the kernels take float16/bfloat16/float32; float64 stays on the reference
         return 'triton' if on_cuda and all(t.dtype in _KERNEL_DTYPES for t in tensors) else 'torch'
     if backend == 'triton' and not (on_cuda or interp):
-        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before seqdis_nb.kernels "
-                         "is imported to run the kernels in Triton's CPU interpreter")
+        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is first "
+                         "imported to run the kernels in Triton's CPU interpreter")
     return backend
 
 # %% ../nbs/02_ops.ipynb #75aac9d1
