@@ -15,6 +15,7 @@ __all__ = ['BACKENDS', 'resolve_backend', 'sub_first_ref', 'sub_first', 'gauss_k
 
 # %% ../nbs/02_ops.ipynb #73d3be26
 BACKENDS = ('auto', 'torch', 'triton')
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     "Pick `'torch'` or `'triton'` for an op on `tensors`; `backend=None` reads `$SEQDIS_BACKEND` (default auto)."
@@ -23,10 +24,11 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     interp = os.environ.get('TRITON_INTERPRET', '0') == '1'
-    if backend == 'auto': return 'triton' if on_cuda else 'torch'
+    if backend == 'auto':   # the kernels take float16/bfloat16/float32; float64 stays on the reference
+        return 'triton' if on_cuda and all(t.dtype in _KERNEL_DTYPES for t in tensors) else 'torch'
     if backend == 'triton' and not (on_cuda or interp):
-        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before seqdis_nb.kernels "
-                         "is imported to run the kernels in Triton's CPU interpreter")
+        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is first "
+                         "imported to run the kernels in Triton's CPU interpreter")
     return backend
 
 # %% ../nbs/02_ops.ipynb #75aac9d1

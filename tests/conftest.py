@@ -2,6 +2,11 @@ import os, subprocess, sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# As .ci/run does: no CUDA device -> Triton kernels run in the interpreter. It must be set before anything imports
+# triton (tests/test_kernels.py needs it), so it is set here, before any test module is collected.
+if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')
 
 ROOT = Path(__file__).resolve().parents[1]
 
