@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #f5d24283
 from __future__ import annotations
-import argparse, os, platform, sys
+import argparse, importlib, importlib.util, os, platform, sys
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from .core import get_device
 from .ops import resolve_backend
 
 # %% auto #0
-__all__ = ['cmd_info', 'build_parser', 'main']
+__all__ = ['CLI_MODULES', 'cmd_info', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #79d19bc8
 def cmd_info(args) -> int:
@@ -36,18 +36,25 @@ def cmd_info(args) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #837bc456
+CLI_MODULES = ('seqdis_nb.train', 'seqdis_nb.judge', 'seqdis_nb.evaluate', 'seqdis_nb.interop')
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='seqdis', description='Sequential disentanglement (DBSE, SPYL): train, '
                                 'evaluate and inspect models. Run `seqdis COMMAND --help` for each command.')
     p.add_argument('--version', action='version', version=f'seqdis_nb {seqdis_nb.__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
     sub.add_parser('info', help='print versions, device and backend').set_defaults(func=cmd_info)
+    for name in CLI_MODULES:   # modules not written yet are skipped; an import error in one that exists is raised
+        if importlib.util.find_spec(name) is not None: importlib.import_module(name).register_cli(sub)
     return p
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `seqdis` console script."
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try: return args.func(args)
+    except ValueError as e:
+        print(f'seqdis {args.command}: error: {e}', file=sys.stderr)
+        return 2
 
 # %% ../nbs/09_cli.ipynb #05387ae0
 #| eval: false
