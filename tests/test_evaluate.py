@@ -244,3 +244,28 @@ def test_write_report_files(tmp_path, synthetic):
     out = write_report(res, tmp_path / 'r')
     assert sorted(p.name for p in out.iterdir()) == ['report.json', 'report.md']
     assert 'below 99 %' in (out / 'report.md').read_text()            # an oracle with no recorded accuracy is flagged
+
+# ------------------------------------------------------------------ seqdis eval end to end
+
+def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
+    from seqdis_nb.judge import save_judge, train_judge
+    from seqdis_nb.train import save_checkpoint
+    torch.set_num_threads(1)
+    shapes = make_shapes(size=16)
+    torch.manual_seed(0)
+    model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
+    save_checkpoint(tmp_path / 'm.pt', model, None, dataset='shapes')
+    save_judge(tmp_path / 'j.pt', train_judge(shapes, 'tiny', limit=64, progress=False, log=lambda *a: None))
+    r = cli('eval', '--checkpoint', tmp_path / 'm.pt', '--judge', tmp_path / 'j.pt', '--out', tmp_path / 'rep',
+            '--limit', '40', '--repeats', '2', '--tsne-n', '40', '--threads', '1', '--quiet')
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (tmp_path / 'rep').iterdir())
+    assert files == ['fixed.png', 'reconstructions.png', 'report.json', 'report.md', 'samples.png', 'swap.png', 'tsne.png']
+    import json
+    rep = json.loads((tmp_path / 'rep' / 'report.json').read_text())
+    assert rep['protocol']['n'] == 40 and rep['protocol']['repeats'] == 2 and rep['dataset'] == 'shapes'
+    assert 'MSD two-factor score' in r.stdout
+    # a judge of another resolution is refused with a clear message (exit 2)
+    save_judge(tmp_path / 'j8.pt', Judge.for_dataset(shapes.info, JudgeConfig.preset('tiny', image_size=32)))
+    r = cli('eval', '--checkpoint', tmp_path / 'm.pt', '--judge', tmp_path / 'j8.pt', '--out', tmp_path / 'x', '--quiet')
+    assert r.returncode == 2 and 'image_size' in r.stderr
