@@ -1,5 +1,6 @@
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from seqdis_nb.data import DatasetInfo, SeqSplit, make_shapes
-from seqdis_nb.dbse import DBSE, DBSEConfig, Swapped
+from seqdis_nb.dbse import DBSE, DBSEConfig
 from seqdis_nb.evaluate import (balanced_subset, entropy_y, entropy_y_given_x, eer, evaluate, generation_scores,
                                 inception_score, paper_protocol, report_markdown, speaker_eer, two_factor_score,
                                 write_report)
@@ -152,19 +153,10 @@ class CodeModel(nn.Module):
     def _rand_codes(self, n, ks, g):
         return torch.stack([(torch.randint(0, k, (n,), generator=g) + 0.5) / k for k in ks], 1)
 
-    def fix_dynamics_sample_static(self, x, generator=None):
-        p = self.encode(x)
-        return self.decode(self._rand_codes(len(x), (6, 5), generator), p.d_mean)
-
-    def fix_static_sample_dynamics(self, x, generator=None, prior_means=False):
-        p = self.encode(x)
+    def prior_rollout(self, n, T, generator=None):
         ks = (6, 5, 4) if self.ignore_s else (4,)
-        d = self._rand_codes(len(x), ks, generator)[:, None].expand(len(x), x.shape[1], len(ks))
-        return self.decode(p.s_mean, d)
-
-    def swap(self, x_a, x_b, generator=None):
-        pa, pb = self.encode(x_a), self.encode(x_b)
-        return Swapped(self.decode(pa.s_mean, pb.d_mean), self.decode(pb.s_mean, pa.d_mean))
+        d = self._rand_codes(n, ks, generator)[:, None].expand(n, T, len(ks))
+        return SimpleNamespace(d=d, mean=d, logvar=torch.zeros_like(d))
 
 
 @pytest.fixture(scope='module')
