@@ -15,6 +15,14 @@ from seqdis_nb.evaluate import (balanced_subset, entropy_y, entropy_y_given_x, e
                                 write_report)
 from seqdis_nb.judge import Judge, JudgeConfig
 
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ------------------------------------------------------------------ IS / H on hand-made probability matrices
 
 @pytest.mark.parametrize('K', [2, 5, 9])
@@ -188,7 +196,6 @@ def test_protocol_refuses_a_judge_of_other_data(synthetic):
 
 
 def test_protocol_is_reproducible_and_leaves_the_training_rng_alone():
-    torch.set_num_threads(1)
     shapes = make_shapes(size=16)
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
@@ -242,7 +249,6 @@ def test_write_report_files(tmp_path, synthetic):
 def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
     from seqdis_nb.judge import save_judge, train_judge
     from seqdis_nb.train import save_checkpoint
-    torch.set_num_threads(1)
     shapes = make_shapes(size=16)
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))

@@ -12,6 +12,14 @@ from seqdis_nb.judge import (Judge, JudgeConfig, JudgeError, check_judge, judge_
 FIX = Path(__file__).parent / 'fixtures'
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def shapes():
     return make_shapes(size=16)
@@ -102,7 +110,6 @@ def test_mismatch_is_refused(tiny_judge, shapes):
 
 
 def test_training_learns_and_resume_is_exact(tmp_path, shapes):
-    torch.set_num_threads(1)
     kw = dict(limit=240, progress=False, seed=3)
     ref = train_judge(shapes, 'tiny', out=tmp_path / 'ref.pt', epochs=2, log=lambda *a: None, **kw)
 
