@@ -246,7 +246,7 @@ def test_write_report_files(tmp_path, synthetic):
 
 # ------------------------------------------------------------------ seqdis eval end to end
 
-def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
+def test_cli_eval_writes_report_and_pngs(cli, tmp_path, capsys):
     from seqdis_nb.judge import save_judge, train_judge
     from seqdis_nb.train import save_checkpoint
     shapes = make_shapes(size=16)
@@ -265,5 +265,7 @@ def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
     assert 'MSD two-factor score' in r.stdout
     # a judge of another resolution is refused with a clear message (exit 2)
     save_judge(tmp_path / 'j8.pt', Judge.for_dataset(shapes.info, JudgeConfig.preset('tiny', image_size=32)))
-    r = cli('eval', '--checkpoint', tmp_path / 'm.pt', '--judge', tmp_path / 'j8.pt', '--out', tmp_path / 'x', '--quiet')
-    assert r.returncode == 2 and 'image_size' in r.stderr
+    from seqdis_nb.cli import main
+    assert main(['eval', '--checkpoint', str(tmp_path / 'm.pt'), '--judge', str(tmp_path / 'j8.pt'), '--out',
+                 str(tmp_path / 'x'), '--quiet']) == 2                               # in-process: no second start-up
+    assert 'image_size' in capsys.readouterr().err
