@@ -208,6 +208,8 @@ def test_protocol_is_reproducible_and_leaves_the_training_rng_alone():
     r2 = paper_protocol(model, judge, split, repeats=3, seed=7, batch_size=16)
     assert r1['accuracy'] == r2['accuracy'] and r1['scores'] == r2['scores']
     assert r1['seeds'] == [7, 8, 9] and r1['n'] == 40
+    r3 = paper_protocol(model, judge, split, repeats=2, seed=7, batch_size=16, swaps=False)
+    assert set(r3['accuracy']) == {'fix_dynamics', 'fix_static'} and set(r3['msd']) == {'sample'}
     other = Judge.for_dataset(make_shapes(size=32).info, JudgeConfig.preset('tiny', image_size=32))
     with pytest.raises(ValueError, match='image_size'): paper_protocol(model, other, split, repeats=1)
 
