@@ -158,3 +158,24 @@ def test_bench_smoke(tmp_path):
     for row in rows:
         assert row['s_per_step'] > 0 and row['gflops'] > 0 and row['peak_rss_mb'] > 50
     assert rows[0]['speedup'] == 1.0
+
+
+@pytest.mark.parametrize('transposed', [False, True])
+@pytest.mark.parametrize('chunk', [1 << 22, 200])          # one chunk; several chunks of the batch
+def test_conv4x4s2_gemm(transposed, chunk, monkeypatch):
+    import seqdis_nb.speed as S
+    monkeypatch.setattr(S, '_IM2COL_FLOATS', chunk)
+    torch.manual_seed(3)
+    m = (nn.ConvTranspose2d if transposed else nn.Conv2d)(5, 3, 4, 2, 1)
+    s = 3 if transposed else 6                              # odd maps: H, W not powers of two
+    x = torch.randn(4, 5, s, s, requires_grad=True)
+    y = m(x); up = torch.randn_like(y)
+    got = S.conv4x4s2_gemm(m, x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, [x, m.weight, m.bias], up), torch.autograd.grad(y, [x, m.weight, m.bias], up)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    m64, x64 = copy.deepcopy(m).double(), x.detach().double().requires_grad_()
+    fn = S.ConvT4x4s2GEMM if transposed else S.Conv4x4s2GEMM
+    assert torch.autograd.gradcheck(fn.apply, (x64, m64.weight, m64.bias))
+    with pytest.raises(ValueError, match='4x4 stride-2'): S.conv4x4s2_gemm(nn.Conv2d(5, 3, 4, 1, 1), x)
