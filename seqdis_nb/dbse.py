@@ -241,6 +241,10 @@ def init_dbse_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
+def _fast(config) -> bool:
+    "Whether a model runs the fast path of 03a_speed; configs without the switch (SPYL's) run the plain path."
+    return getattr(config, 'fast', False)
+
 def _as_config(config) -> DBSEConfig:
     if isinstance(config, DBSEConfig): return config
     if isinstance(config, str): return DBSEConfig.preset(config)
@@ -326,7 +330,7 @@ class DBSE(nn.Module):
         B, T = x.shape[:2]
         if self.config.encoder == 'conv':
             frames = x.reshape(B * T, *x.shape[2:])                              # (B*T, C, H, W)
-            h = conv_encode(self.encoder, frames) if self.config.fast else self.encoder(frames)
+            h = conv_encode(self.encoder, frames) if _fast(self.config) else self.encoder(frames)
             return h.view(B, T, -1)                                              # (B, T, g)
         return self.encoder(x)                                                   # (B, T, F) -> (B, T, g)
 
@@ -364,7 +368,7 @@ class DBSE(nn.Module):
 
     def prior(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Teacher-forced prior p(d_t | d_<t) for posterior samples d (B, T, z): (mean, logvar), each (B, T, z)."
-        if self.config.fast:                                                     # one fused LSTM call, same maths
+        if _fast(self.config):                                                   # one fused LSTM call, same maths
             h = prior_lstm(self.z_prior_lstm_ly1, self.z_prior_lstm_ly2, d)     # (B, T, r)
             return self.z_prior_mean(h), self._guard(self.z_prior_logvar(h))
         d_prev, state = self._prior_init(d.shape[0])
@@ -390,16 +394,12 @@ class DBSE(nn.Module):
         return PriorRollout(torch.stack(ds, 1), torch.stack(means, 1), torch.stack(logvars, 1))   # (n, T, z)
 
     # ---------------------------------------------------------------- decoder
-    def _codes(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        B, T = d.shape[:2]
-        return torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)  # (B, T, z + f), dynamic first
-
     def _decode(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         B, T = d.shape[:2]
-        c = self._codes(s, d)                                                    # (B, T, z + f)
+        c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f), dynamic first
         if self.config.encoder == 'conv':
             c = c.reshape(B * T, -1)                                             # (B*T, z + f)
-            y = conv_decode(self.decoder, [c])[0] if self.config.fast else self.decoder(c)
+            y = conv_decode(self.decoder, [c])[0] if _fast(self.config) else self.decoder(c)
             return y.view(B, T, *self.config.frame_shape)                        # (B, T, C, H, W)
         return self.decoder(c)                                                   # (B, T, F)
 
@@ -412,7 +412,7 @@ class DBSE(nn.Module):
             recon = self._decode(s, d)
             return recon, recon[:, 0]
         B, T = d.shape[:2]
-        c = self._codes(s, d)                                                    # (B, T, z + f)
+        c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f)
         recon, first = conv_decode(self.decoder, [c.reshape(B * T, -1), c[:, 0]])   # one pass, BatchNorm per call
         return recon.view(B, T, *cfg.frame_shape), first                         # (B, T, C, H, W), (B, C, H, W)
 
