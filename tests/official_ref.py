@@ -184,3 +184,23 @@ class SpriteJudge(nn.Module):
         H = self.hidden
         summary = torch.cat([out[:, self.frames - 1, :H], out[:, 0, H:]], 1)
         return tuple(getattr(self, f'cls_{name}')(summary) for name, _ in self.HEADS)
+
+
+def calibrated(module, seed=0, batch=2, frames=4):
+    """`module` with weights that behave like trained ones, for output comparisons: default init under `seed`,
+    BatchNorm affine parameters spread around (1, 0), and running statistics measured on random frames (and, for
+    the decoders, random codes), so every layer works at unit scale and the outputs depend on the input."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for m in module.modules():      # re-draw every parameter with its layer's default init
+            if hasattr(m, 'reset_parameters') and m is not module: m.reset_parameters()
+        bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in bns:
+            bn.momentum = None          # cumulative average: the running stats are those of the calibration batch
+            nn.init.normal_(bn.weight, 1.0, 0.1), nn.init.normal_(bn.bias, 0.0, 0.1)
+        module.train()
+        with torch.no_grad():
+            module.encoder.frames(torch.rand(batch, frames, 3, 64, 64))
+            if hasattr(module, 'decoder'): module.decoder(torch.randn(batch, frames, module.decoder.dim))
+        for bn in bns: bn.momentum = 0.1
+    return module.eval()
