@@ -181,7 +181,7 @@ def validation_loss(model, split: SeqSplit, batch_size: int = 256, generator: to
 class NonFiniteLossError(FloatingPointError):
     "Training produced a NaN/Inf loss; the message names the first non-finite term and the step."
 
-# %% ../nbs/04_train.ipynb #d2952785
+# %% ../nbs/04_train.ipynb #a92bef14
 def _fmt_terms(terms: dict) -> dict:
     return {k: f'{v:.4g}' for k, v in terms.items()}
 
@@ -258,7 +258,7 @@ class Trainer:
         "Load `path` (default `last.pt`) into this trainer; False (and nothing loaded) if there is no checkpoint."
         path = Path(path) if path is not None else self.last_path
         if not path.exists(): return False
-        ck = load_checkpoint(path, map_location=self.device)
+        ck = load_checkpoint(path)        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         mine = self.model.config.to_dict()
         if ck['kind'] != self.model.kind or ck['config'] != mine:
             diff = sorted(k for k in set(mine) | set(ck['config']) if mine.get(k) != ck['config'].get(k))
