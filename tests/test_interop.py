@@ -247,6 +247,35 @@ def test_judge_logits_match_the_reference_on_the_authors_input_scale():
     assert max((b - c).abs().max() for b, c in zip(want, unscaled)) > 1e-4   # the test sees the input scale
 
 
+def test_official_judge_file_plugs_into_the_evaluation(tmp_path):
+    "load_judge takes the authors' sprite_judge.tar; the judge protocol runs with it on Sprites-shaped data."
+    import numpy as np
+    from seqdis_nb.data import SPRITES_STATIC, DatasetInfo, SeqSplit
+    from seqdis_nb.evaluate import paper_protocol
+    from seqdis_nb.judge import load_judge
+    theirs = ref.calibrated(ref.SpriteJudge(), seed=16)
+    path = tmp_path / 'sprite_judge.tar'
+    torch.save({'state_dict': theirs.state_dict()}, path)
+    judge = load_judge(path, device='cpu')
+    assert judge.meta['file'] == str(path) and len(judge.meta['file_sha256']) == 64
+    info = DatasetInfo('sprites', 'video', SPRITES_STATIC, [6] * 4, ['action'], [9], 8, (3, 64, 64))
+    rng = np.random.default_rng(0)
+    split = SeqSplit(rng.integers(0, 256, (4, 8, 64, 64, 3), dtype=np.uint8), rng.integers(0, 6, (4, 4)),
+                     rng.integers(0, 9, 4), np.arange(4), info)
+    x = split.batch(np.arange(4))[0]
+    with torch.no_grad():                                   # the judge sees what the authors' judge saw
+        for a, b in zip(judge(x), theirs(torch.from_numpy(split.x).permute(0, 1, 4, 2, 3).float() / 256)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model = from_official(ref.calibrated(ref.DBSE(), seed=17).state_dict(), 'dbse', device='cpu')
+    res = paper_protocol(model, judge, split, repeats=1, batch_size=4)
+    assert res['factors'] == ['action', 'body', 'bottom', 'top', 'hair'] and res['n'] == 4
+    for mode, acc in res['accuracy'].items():
+        assert all(0 <= v['mean'] <= 1 for v in acc.values()), mode
+    torch.save({'state_dict': {'encoder.c1.main.0.weight': torch.zeros(1)}}, tmp_path / 'broken.tar')
+    with pytest.raises(LayoutError, match='missing key'):
+        load_judge(tmp_path / 'broken.tar', device='cpu')
+
+
 # ---------------------------------------------------------------- the notebook shows what the code does
 @pytest.mark.parametrize('kind', list(FILES))
 def test_notebook_key_table_is_current(kind):
