@@ -323,3 +323,11 @@ def test_cli_convert_bad_file_exits_2(cli, tmp_path):
     torch.save(sd, bad)
     r = cli('convert', bad, '--kind', 'dbse')
     assert r.returncode == 2 and 'f_mean.bias' in r.stderr and 'seqdis convert: error' in r.stderr
+
+
+def test_fixture_layouts_are_the_shared_ones():
+    "tests/data/interop holds copies of the workspace's shared/interop key lists (when that folder is at hand)."
+    shared = Path(__file__).resolve().parents[2] / 'shared' / 'interop'
+    if not shared.is_dir(): pytest.skip(f'{shared} is not here (only the workspace has it)')
+    for f in FILES.values():
+        assert json.loads((shared / f).read_text()) == json.loads((DATA / f).read_text()), f
