@@ -188,6 +188,10 @@ def test_dbse_encode_decode_prior_match_the_reference(dbse_pair):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
         other = theirs.encode(torch.rand_like(x), noise)               # not a vacuous comparison: outputs
         assert (other[0] - want[0]).abs().max() > 1e-2 and (other[3] - want[3]).abs().max() > 1e-2   # follow x
+        plain = from_official(theirs.state_dict(), 'dbse', config={'fast': False}, device='cpu')   # 03_dbse's spec
+        assert ours.config.fast and not plain.config.fast
+        for name, a, b in zip(post._fields, plain.encode(x, generator=torch.Generator().manual_seed(6)), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f'plain path {name}')
         s, d = torch.randn(B, 256), torch.randn(B, T, 256)
         torch.testing.assert_close(ours.decode(s, d), theirs.decode(s, d), rtol=1e-5, atol=1e-5)
         # the learned prior, teacher-forced on posterior samples (training) and rolled out on its own samples
