@@ -420,7 +420,8 @@ def _load_for_eval(checkpoint, device=None) -> tuple:
     name = ck.get('dataset')
     if not name: raise ValueError(f"checkpoint {checkpoint} records no dataset name")
     model = load_model(checkpoint, device=device)
-    kw = {'size': model_frame_size(model)} if name == 'shapes' else {}
+    n = model_frame_size(model)            # Shapes are drawn, Sprites area-downsampled once, at the model's size
+    kw = {'size': n} if name in ('shapes', 'sprites') and n is not None else {}
     return model, load_dataset(name, **kw)
 
 def _cmd_eval(args) -> int:
