@@ -17,8 +17,27 @@ import torch
 
 from seqdis_nb.data import load_sprites
 from seqdis_nb.dbse import DBSE, DBSEConfig
-from seqdis_nb.evaluate import paper_protocol
+from seqdis_nb.evaluate import _generate, paper_protocol
 from seqdis_nb.judge import Judge, load_judge, split_at_size
+
+
+def count_flops(model, judge, x) -> dict:
+    "FLOPs per sequence (torch.utils.flop_counter) of a training step and of the protocol's parts."
+    from torch.utils.flop_counter import FlopCounterMode
+    def cnt(f):
+        with FlopCounterMode(display=False) as fc: f()
+        return fc.get_total_flops() / len(x)
+    def step():
+        loss, _ = model.training_loss(x); loss.backward()
+    out = {'train_step': cnt(step)}
+    model.zero_grad(set_to_none=True); model.eval()
+    with torch.inference_mode():
+        g = torch.Generator().manual_seed(0)
+        out['generate_2'] = cnt(lambda: _generate(model, x, g, swaps=False))
+        out['generate_4'] = cnt(lambda: _generate(model, x, g, swaps=True))
+        out['judge'] = cnt(lambda: judge(x))
+    model.train()
+    return out
 
 
 def main():
@@ -32,8 +51,10 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    bundle = load_sprites()
     cfg = DBSEConfig.preset('sprites-cpu')
+    t0 = time.time()
+    bundle = load_sprites(size=cfg.image_size)       # frames area-downsampled once, in memory: no I/O is timed below
+    prep = time.time() - t0
     model = DBSE(cfg)
     try: judge = load_judge(a.judge)
     except ValueError as e:
@@ -41,9 +62,8 @@ def main():
         judge = Judge.for_dataset(bundle.info, 'small')
     judge.eval()
 
-    t0 = time.time()
     xs = torch.cat([split_at_size(s, cfg.image_size)[0] for s in (bundle.train, bundle.val)])   # (9000, T, C, 32, 32) uint8
-    prep = time.time() - t0
+    flops = count_flops(model, judge, xs[:4].float() / 255)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(a.seed))
     starts = list(range(0, len(xs), cfg.batch_size))
@@ -65,7 +85,12 @@ def main():
         times[swaps] = (time.time() - t0) * a.repeats / k
 
     scaled = lambda cond, what: '' if not cond else f' (scaled from {what})'
-    print(f"torch {torch.__version__}, {a.threads} threads; data prep (9000 seqs to 32x32, not timed below) {prep:.1f} s")
+    print(f"torch {torch.__version__}, {a.threads} threads; data prep (Sprites at 32x32, not timed below) {prep:.1f} s")
+    ep_f = flops['train_step'] * len(xs)
+    for k, name in ((2, 'both directions'), (4, 'directions + swaps')):
+        pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{k}'] + k * flops['judge'])
+        print(f"FLOPs: epoch {ep_f / 1e12:.2f} T; protocol ({name}) {pr_f / 1e12:.2f} T "
+              f"(judge {a.repeats * len(bundle.test) * k * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
     print(f"training epoch   sprites-cpu, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
           f"{scaled(a.train_steps is not None, f'{len(steps)} steps')}: {train_t:7.1f} s")
     for swaps, name in ((False, 'both directions, IS/H'), (True, 'both directions + both swaps, IS/H, MSD')):
