@@ -87,10 +87,10 @@ def main():
     scaled = lambda cond, what: '' if not cond else f' (scaled from {what})'
     print(f"torch {torch.__version__}, {a.threads} threads; data prep (Sprites at 32x32, not timed below) {prep:.1f} s")
     ep_f = flops['train_step'] * len(xs)
-    for k, name in ((2, 'both directions'), (4, 'directions + swaps')):
-        pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{k}'] + k * flops['judge'])
+    for m, name in ((2, 'both directions'), (4, 'directions + swaps')):
+        pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{m}'] + m * flops['judge'])
         print(f"FLOPs: epoch {ep_f / 1e12:.2f} T; protocol ({name}) {pr_f / 1e12:.2f} T "
-              f"(judge {a.repeats * len(bundle.test) * k * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
+              f"(judge {a.repeats * len(bundle.test) * m * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
     print(f"training epoch   sprites-cpu, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
           f"{scaled(a.train_steps is not None, f'{len(steps)} steps')}: {train_t:7.1f} s")
     for swaps, name in ((False, 'both directions, IS/H'), (True, 'both directions + both swaps, IS/H, MSD')):
