@@ -142,6 +142,8 @@ def bench_preset(preset: str, variants: list[str], B: int, rounds: int, threads:
         mm_times.append(mm())
         for v in variants:
             t = time.perf_counter(); steps[v](r + 1); times[v].append(time.perf_counter() - t)
+        print(f'  round {r + 1}: matmul {mm_times[-1] * 1e3:.0f} ms, ' +
+              ', '.join(f'{v} {times[v][-1]:.2f} s' for v in variants) + f'; load {load()}', flush=True)
     print(f'  load after:  {load()}')
     mm_rate = mm_flops / statistics.median(mm_times)
     rows = []
