@@ -8,6 +8,7 @@ fraction of the matmul rate, the speed-up over the plain step (median of the per
 
     python bench/train_step.py                      # sprites and sprites-cpu, batch 32, plain vs fast
     python bench/train_step.py --ablation           # plus the cumulative steps from plain to fast (what bought what)
+    python bench/train_step.py --profile            # torch.profiler table of one step per variant (sprites)
     python bench/train_step.py --smoke              # tiny preset, batch 4, 2 rounds, 1 thread: the script end to end
 
 Variants (the same weights, the same input, the same posterior noise per round):
@@ -123,6 +124,16 @@ def child(variant: str, preset: str, B: int, threads: int) -> int:
     return 0
 
 
+def profile_step(variant: str, preset: str, B: int, rows: int = 15) -> None:
+    "Print where one training step goes: torch.profiler's operators by self CPU time, after a warm-up step."
+    from torch.profiler import profile
+    step = make_step(build(variant, preset), batch(preset, B))
+    step(0)
+    with profile() as prof: step(1)
+    print(f'\n{preset} / {variant}: one step, operators by self CPU time (load {load()})')
+    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows))
+
+
 def bench_preset(preset: str, variants: list[str], B: int, rounds: int, threads: int, matmul_n: int,
                  rss: bool) -> list[dict]:
     x = batch(preset, B)
@@ -168,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument('--ablation', action='store_true', help='also time the cumulative steps from plain to fast')
     p.add_argument('--no-compare', action='store_true', help='time the fast step only (no plain variant)')
     p.add_argument('--no-rss', action='store_true', help='skip the peak-RSS subprocesses')
+    p.add_argument('--profile', action='store_true', help='print a torch.profiler table of one step per variant')
     p.add_argument('--smoke', action='store_true', help='tiny preset, batch 4, 2 rounds, 1 thread: the script end to end')
     p.add_argument('--json', type=Path, default=None, help='also write the rows to this file')
     p.add_argument('--child', choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
@@ -183,6 +195,10 @@ def main(argv=None) -> int:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, '
           f'batch {args.batch}, {args.rounds} rounds; load average (1, 5, 15 min): {load()}'
           + ('  [SMOKE RUN: tiny preset, the numbers mean nothing]' if args.smoke else ''))
+    if args.profile:
+        for preset in (args.preset or ['sprites']) if not args.smoke else presets:
+            for v in variants: profile_step(v, preset, args.batch)
+        return 0
     rows = []
     for preset in presets: rows += bench_preset(preset, variants, args.batch, args.rounds, args.threads, matmul_n,
                                                 not args.no_rss)

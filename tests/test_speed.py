@@ -181,3 +181,10 @@ def test_conv4x4s2_gemm(transposed, chunk, monkeypatch):
     fn = S.ConvT4x4s2GEMM if transposed else S.Conv4x4s2GEMM
     assert torch.autograd.gradcheck(fn.apply, (x64, m64.weight, m64.bias))
     with pytest.raises(ValueError, match='4x4 stride-2'): S.conv4x4s2_gemm(nn.Conv2d(5, 3, 4, 1, 1), x)
+
+
+def test_bench_profile_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / 'bench' / 'train_step.py'), '--smoke', '--profile'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'shapes-quick / fast: one step' in r.stdout and 'aten::' in r.stdout
