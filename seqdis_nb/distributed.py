@@ -186,6 +186,8 @@ class DistributedTrainer(Trainer):
         return Path(path)
 
     def _end_epoch(self):
+        for b in self.model.buffers():          # BatchNorm running statistics: rank 0's, as DDP broadcasts them
+            self._collective('the buffer broadcast', dist.broadcast, b, 0)
         self._rng_cache = self._gather_rng()    # validation does not touch the training RNG: the state to save
         try: row = super()._end_epoch()         # every rank validates (same weights, same generator); rank 0 writes
         finally: self._rng_cache = None
