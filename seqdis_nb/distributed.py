@@ -133,6 +133,7 @@ class DistributedTrainer(Trainer):
         self.env, self.rank, self.world_size = env, env.rank, W
         self.local_batch_size, self.sync_bn = batch_size // W, bool(sync_bn)
         device = get_device(device)
+        if device.type == 'cuda' and device.index is None: device = torch.device('cuda', env.local_rank)
         if sync_bn: model = sync_batchnorm(model, device)
         self._rng_cache = None
         super().__init__(model, data, out_dir, batch_size=batch_size, device=device,
