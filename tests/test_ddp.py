@@ -167,6 +167,15 @@ def test_cli_rejects_bad_distributed_settings(tmp_path):
     for code, _, err in res: assert code == 2 and 'sync_bn needs CUDA' in err, err[-2000:]
 
 
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    run_workers(tmp_path, 2, 1, ('nan',))
+    err = [(tmp_path / 'nan' / f'rank{r}.err').read_text() for r in range(2)]
+    assert all('non-finite loss at step 2' in e and "term 'loss'" in e for e in err), err
+    assert 'on another rank' in err[0] and 'on this rank' in err[1], err
+    assert not (tmp_path / 'nan' / 'last.pt').exists()
+
+
 def test_env_seeds_and_syncbn_in_process():
     from seqdis_nb.distributed import DistEnv, rank_seed, sync_batchnorm
     from seqdis_nb.train import build_model
@@ -195,7 +204,7 @@ def _worker(out, variants, epochs, resume):
     from seqdis_nb.core import seed_everything
     from seqdis_nb.data import make_shapes
     from seqdis_nb.distributed import DistributedTrainer, launch as run
-    from seqdis_nb.train import Trainer, build_model
+    from seqdis_nb.train import NonFiniteLossError, Trainer, build_model
     # no sampling noise: the loss is a function of the batch alone, so 2 x 8 sequences and 1 x 16 can agree
     dbse.reparameterize = lambda mean, logvar, random=True, generator=None: mean
     dbse.DBSE._randn = lambda self, shape, generator: torch.zeros(shape, device=next(self.parameters()).device)
@@ -209,9 +218,19 @@ def _worker(out, variants, epochs, resume):
                 for m in model.modules():
                     if isinstance(m, nn.BatchNorm2d):
                         m.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), m)
+            if variant == 'nan' and env.rank == 1:      # rank 1's loss turns NaN at its 2nd step
+                real, calls = model.training_loss, []
+                def poisoned(x, epoch=0, n_data=None):
+                    loss, terms = real(x, epoch=epoch, n_data=n_data); calls.append(1)
+                    return (loss * float('nan') if len(calls) == 2 else loss), terms
+                model.training_loss = poisoned
             kw = dict(batch_size=BATCH, seed=3, device='cpu', steps_per_epoch=STEPS, val_batches=1, progress=False)
             cls, kw = (DistributedTrainer, dict(kw, env=env)) if env.distributed else (Trainer, kw)
             tr = cls(model, data, out / variant, **kw)
+            if variant == 'nan':
+                try: tr.fit(1)
+                except NonFiniteLossError as e: (out / variant / f'rank{env.rank}.err').write_text(str(e))
+                continue
             done = tr.epoch if resume and tr.resume() else 0
             for e in range(done + 1, epochs + 1):
                 tr.fit(e, resume=resume or e > 1)
