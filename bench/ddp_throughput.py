@@ -8,10 +8,12 @@ Times `train_step` of DBSE `shapes-quick` (32x32 Shapes, T=8) at one global batc
 
     python bench/ddp_throughput.py                    # 20 timed steps after 3 warm-up steps, global batch 32
     python bench/ddp_throughput.py --steps 3 --warmup 1 --batch 8     # a smoke run
+    python bench/ddp_throughput.py --only 0 2                          # skip 1 proc x 2 threads
 
 Each layout runs in fresh processes (ranks started with the variables torchrun sets), on the same batches in the
 same order. The rate is the global batch times the timed steps over rank 0's wall time, the ranks meeting at a
-barrier before and after; it includes the all-reduce and the loss all-reduce of every step. On a shared machine the
+barrier before and after; it includes the all-reduce and the loss all-reduce of every step. The 2-rank layout
+also times one all-reduce of a gradient-sized float32 tensor alone (median of 11). On a shared machine the
 numbers move with the load: the script prints the load average next to them.
 """
 import argparse, json, os, socket, subprocess, sys, time
@@ -28,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=32, help='global batch (even)')
     p.add_argument('--preset', default='shapes-quick')
     p.add_argument('--json', help='also write the results to this file')
+    p.add_argument('--only', type=int, nargs='+', choices=range(len(LAYOUTS)), help='run these layouts (0 1 2)')
     p.add_argument('--worker', nargs=2, metavar=('THREADS', 'OUT'), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0 or a.batch < 2 or a.batch % 2:
@@ -60,10 +63,17 @@ def worker(a):
         sync(); t0 = time.perf_counter()
         for x in xs[a.warmup:]: tr.train_step(x)
         sync(); wall = time.perf_counter() - t0
+        n_par = sum(p.numel() for p in model.parameters())
+        ar_ms = None
+        if env.distributed:       # what DDP adds per step: one all-reduce of every gradient (float32) over gloo
+            g, times = torch.zeros(n_par), []
+            for _ in range(11):
+                sync(); t = time.perf_counter(); dist.all_reduce(g); times.append(time.perf_counter() - t)
+            ar_ms = 1e3 * sorted(times)[5]
         if env.is_main:
             out.write_text(json.dumps({'world_size': env.world_size, 'threads': threads, 'steps': a.steps,
                                        'batch': a.batch, 'wall_s': wall, 'seqs_per_s': a.steps * a.batch / wall,
-                                       'params': sum(p.numel() for p in model.parameters())}))
+                                       'step_ms': 1e3 * wall / a.steps, 'params': n_par, 'allreduce_ms': ar_ms}))
     launch(main)
 
 
@@ -90,16 +100,17 @@ def main(argv=None):
     print(f"DBSE {a.preset}, global batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps, {os.cpu_count()} "
           f"CPU(s); load average before: {os.getloadavg()[0]:.1f}")
     rows = []
-    for name, ranks, threads in LAYOUTS:
+    for name, ranks, threads in [l for i, l in enumerate(LAYOUTS) if a.only is None or i in a.only]:
         load = os.getloadavg()[0]
         r = run_layout(a, ranks, threads, tmp / f'{ranks}x{threads}.json')
         r.update(layout=name, load_before=load)
         rows.append(r)
-        print(f"  {name:<20} {r['seqs_per_s']:8.1f} sequences/s  ({r['wall_s']:.2f} s; load average {load:.1f})",
-              flush=True)
+        ar = f"; gradient all-reduce {r['allreduce_ms']:.1f} ms" if r['allreduce_ms'] is not None else ''
+        print(f"  {name:<20} {r['seqs_per_s']:8.1f} sequences/s  ({r['step_ms']:.0f} ms a step{ar}; load average "
+              f"{load:.1f})", flush=True)
     base = rows[0]['seqs_per_s']
-    print('speed-up over 1 proc x 1 thread: ' + ', '.join(f"{r['layout']} {r['seqs_per_s'] / base:.2f}x"
-                                                        for r in rows[1:]))
+    print(f'speed-up over {rows[0]["layout"]}: ' + ', '.join(f"{r['layout']} {r['seqs_per_s'] / base:.2f}x"
+                                                            for r in rows[1:]))
     if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
     return rows
 
