@@ -168,6 +168,17 @@ def test_cli_rejects_bad_distributed_settings(tmp_path):
 
 
 @pytest.mark.slow
+def test_spyl_trains_on_two_ranks(tmp_path):
+    "SPYL (MI and contrastive terms over the local batch) through DDP: every parameter gets its all-reduced gradient."
+    cmd = cli_train(tmp_path / 'spyl', '--model', 'spyl', '--epochs', 2, '--steps-per-epoch', 2)
+    res = launch(cmd, 2)
+    for code, _, err in res: assert code == 0, err[-3000:]
+    m = json.loads((tmp_path / 'spyl' / 'metrics.json').read_text())
+    assert m['kind'] == 'spyl' and m['world_size'] == 2 and m['steps'] == [1, 2, 3, 4]
+    assert {'mi', 'nce_s', 'nce_d'} <= set(m['epochs'][-1]['train'])
+
+
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank(tmp_path):
     run_workers(tmp_path, 2, 1, ('nan',))
     err = [(tmp_path / 'nan' / f'rank{r}.err').read_text() for r in range(2)]
