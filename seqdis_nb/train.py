@@ -181,7 +181,7 @@ def validation_loss(model, split: SeqSplit, batch_size: int = 256, generator: to
 class NonFiniteLossError(FloatingPointError):
     "Training produced a NaN/Inf loss; the message names the first non-finite term and the step."
 
-# %% ../nbs/04_train.ipynb #d2952785
+# %% ../nbs/04_train.ipynb #a92bef14
 def _fmt_terms(terms: dict) -> dict:
     return {k: f'{v:.4g}' for k, v in terms.items()}
 
@@ -260,7 +260,7 @@ class Trainer:
         "Load `path` (default `last.pt`) into this trainer; False (and nothing loaded) if there is no checkpoint."
         path = Path(path) if path is not None else self.last_path
         if not path.exists(): return False
-        ck = load_checkpoint(path, map_location=self.device)
+        ck = load_checkpoint(path)        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         mine = self.model.config.to_dict()
         if ck['kind'] != self.model.kind or ck['config'] != mine:
             diff = sorted(k for k in set(mine) | set(ck['config']) if mine.get(k) != ck['config'].get(k))
@@ -377,9 +377,10 @@ def _train(args, env, device) -> int:
     cfg = cls.config_class.preset(args.preset, **over)
     kw = {}
     if args.size is not None:
-        if args.dataset != 'shapes': raise ValueError(f"--size applies to --dataset shapes only, not {args.dataset!r}")
+        if args.dataset not in ('shapes', 'sprites'):
+            raise ValueError(f"--size applies to --dataset shapes or sprites only, not {args.dataset!r}")
         kw['size'] = over['image_size'] = args.size
-    elif args.dataset == 'shapes': kw['size'] = cfg.frame_shape[-1]
+    elif args.dataset in ('shapes', 'sprites'): kw['size'] = cfg.frame_shape[-1]   # Sprites: area-downsampled to it
     data = load_dataset(args.dataset, **kw)
     if data.info.kind == 'sequence': over['features'] = data.info.frame_shape[0]
     seed_everything(args.seed)
@@ -431,8 +432,8 @@ def register_cli(sub) -> None:
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     p.add_argument('--device', help='cpu, cuda, cuda:1 (default: $SEQDIS_DEVICE, else CUDA when available)')
     p.add_argument('--checkpoint-every', type=int, metavar='N', help='also write last.pt every N steps')
-    p.add_argument('--size', type=int, help="Shapes only: draw frames of this size and set the model's image_size "
-                   "to it (default: the preset's image_size)")
+    p.add_argument('--size', type=int, help="Shapes: draw frames of this size; Sprites: area-downsample the 64x64 "
+                   "frames to it (32, 16, 8); either way the model's image_size is set to it (default: the preset's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--sync-bn', action='store_true', help='under torchrun on GPUs: BatchNorm statistics over the '

@@ -262,3 +262,21 @@ def test_cli_train_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--epochs', '1', '--out', 'x', '--model', 'vae'])
     assert "invalid choice: 'vae'" in capsys.readouterr().err
+
+
+def test_bench_trainer_steps_runs(capsys):
+    "bench/trainer_steps.py end to end at a tiny size (its numbers are measured by hand, see the README)."
+    import runpy, sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'bench' / 'trainer_steps.py'
+    argv = sys.argv
+    sys.argv = [str(path), '--presets', 'shapes-quick', '--batch-size', '4', '--steps', '1', '--warmup', '1',
+                '--threads', '1', '--device', 'cpu']
+    try:
+        with pytest.raises(SystemExit) as e: runpy.run_path(str(path), run_name='__main__')
+    finally: sys.argv = argv
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith('shapes-quick'))
+    s_per_step, seq_per_s = map(float, row.split()[3:5])
+    assert s_per_step > 0 and abs(seq_per_s - 4 / s_per_step) < 0.1 * seq_per_s + 0.1, row
