@@ -204,7 +204,25 @@ def test_env_seeds_and_syncbn_in_process():
     with pytest.raises(ValueError, match='sync_bn needs CUDA'): sync_batchnorm(m, 'cpu')
     s = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)           # what sync_batchnorm does on CUDA
     assert s is m and list(s.state_dict()) == keys                 # checkpoints load into a plain model
-    assert sum(isinstance(x, torch.nn.SyncBatchNorm) for x in s.modules()) == 5
+    sbn = [x for x in s.modules() if isinstance(x, torch.nn.SyncBatchNorm)]
+    assert len(sbn) == 5
+
+
+def test_every_syncbatchnorm_runs_as_a_module_on_the_fast_path():
+    "DBSE's fast path (03a_speed) applies some BatchNorms functionally: converted ones must still run as modules."
+    from seqdis_nb.train import build_model
+    torch.manual_seed(0); plain = build_model('dbse', 'shapes-quick', image_size=16)
+    torch.manual_seed(0); conv = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model('dbse', 'shapes-quick',
+                                                                                            image_size=16))
+    assert conv.config.fast
+    called = set()
+    for name, m in conv.named_modules():
+        if isinstance(m, torch.nn.SyncBatchNorm): m.register_forward_hook(lambda m, i, o, name=name: called.add(name))
+    x = torch.rand(4, 8, 3, 16, 16)
+    torch.manual_seed(1); a = plain.training_loss(x)[0]
+    torch.manual_seed(1); b = conv.training_loss(x)[0]          # no process group: SyncBatchNorm is BatchNorm
+    assert called == {n for n, m in conv.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)} and len(called) == 5
+    assert torch.allclose(a, b, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- the worker process
