@@ -186,8 +186,11 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ rank 0 writes, the others wait
     def _gather_rng(self) -> list:
+        "Every rank's `rng_state()`; on CUDA with its own device's state only, so any GPU count can resume it."
+        st = rng_state()
+        if self.device.type == 'cuda': st.update(cuda=[], cuda_device=torch.cuda.get_rng_state(self.device))
         out = [None] * self.world_size
-        self._collective('gathering the RNG states', dist.all_gather_object, out, rng_state())
+        self._collective('gathering the RNG states', dist.all_gather_object, out, st)
         return out
 
     def save(self, path) -> Path:
@@ -225,7 +228,10 @@ class DistributedTrainer(Trainer):
         if not super().resume(path): return False
         rng = load_checkpoint(path)['rng']
         ranks = rng.get('ranks') or [rng]           # a 1-process checkpoint holds rank 0's stream only
-        if self.rank < len(ranks): set_rng_state(ranks[self.rank])
+        if self.rank < len(ranks):
+            set_rng_state(ranks[self.rank])
+            if 'cuda_device' in ranks[self.rank] and self.device.type == 'cuda':
+                torch.cuda.set_rng_state(ranks[self.rank]['cuda_device'], self.device)
         else: seed_everything(rank_seed(self.seed, self.rank, self.step))
         self.metrics.update(world_size=self.world_size, local_batch_size=self.local_batch_size, sync_bn=self.sync_bn)
         return True
