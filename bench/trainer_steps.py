@@ -4,7 +4,9 @@ Times `Trainer.train_step` on batches of real-shaped input for each preset (defa
 `sprites-cpu` at batch 32): the median over `--steps` timed steps after `--warmup` untimed ones. The input is
 uniform noise of the preset's frame shape (a step's cost does not depend on pixel values); the host-to-device copy
 of the batch is included, as in training. Prints the machine load (`os.getloadavg`) before and after, since on a
-shared machine it moves the numbers more than anything else.
+shared machine it moves the numbers more than anything else; the CPU seconds per step (`time.process_time`, all
+threads of this process) are what the step costs without contention: with `--threads 1` they are the s/step a
+dedicated core would give.
 
     python bench/trainer_steps.py                                   # sprites, sprites-cpu; batch 32; torch's threads
     python bench/trainer_steps.py --threads 1 --presets shapes-quick --steps 5
@@ -51,14 +53,14 @@ def bench_preset(kind, preset, batch_size, steps, warmup, device):
     data = noise_bundle(model.config.frame_shape, batch_size * (steps + warmup), model.config.seq_len)
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(model, data, out, device=device, steps_per_epoch=steps + warmup, progress=False)
-        times = []
+        times, cpu = [], []
         for i, idx in enumerate(tr.batches(0)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             tr.train_step(prepare_batch(data.train.batch(idx), tr.device))
             if tr.device.type == 'cuda': torch.cuda.synchronize(tr.device)
-            if i >= warmup: times.append(time.perf_counter() - t)
+            if i >= warmup: times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
     n_par = sum(p.numel() for p in model.parameters())
-    return n_par, statistics.median(times), times
+    return n_par, statistics.median(times), times, statistics.median(cpu)
 
 
 def main(argv=None) -> int:
@@ -67,10 +69,11 @@ def main(argv=None) -> int:
     dev = get_device(args.device)
     print(f'device {dev}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, '
           f'load average before {os.getloadavg()[0]:.2f}')
-    print(f"{'preset':<14}{'params':>12}{'batch':>7}{'s/step':>9}{'seq/s':>8}   all timed steps (s)")
+    print(f"{'preset':<14}{'params':>12}{'batch':>7}{'s/step':>9}{'seq/s':>8}{'CPU s/step':>12}   "
+          "all timed steps (wall s)")
     for preset in args.presets:
-        n_par, med, times = bench_preset(args.model, preset, args.batch_size, args.steps, args.warmup, dev)
-        print(f"{preset:<14}{n_par:>12,}{args.batch_size:>7}{med:>9.3f}{args.batch_size / med:>8.1f}   "
+        n_par, med, times, cpu = bench_preset(args.model, preset, args.batch_size, args.steps, args.warmup, dev)
+        print(f"{preset:<14}{n_par:>12,}{args.batch_size:>7}{med:>9.3f}{args.batch_size / med:>8.1f}{cpu:>12.3f}   "
               + ' '.join(f'{t:.2f}' for t in times), flush=True)
     print(f'load average after {os.getloadavg()[0]:.2f}')
     return 0

@@ -218,9 +218,9 @@ def test_bad_inputs(shapes16, tmp_path):
     with pytest.raises(ValueError, match='epochs must be a positive int'): make_trainer(shapes16, tmp_path).fit(0)
     with pytest.raises(TypeError, match='data must be a DataBundle'):
         Trainer(build_model('dbse', 'shapes-quick'), shapes16.train, tmp_path)
-    info = DatasetInfo('sprites', 'video', [], [], [], [], 8, (3, 64, 64))
+    info = DatasetInfo('sprites', 'video', [], [], [], [], 8, (3, 48, 48))
     with pytest.raises(ValueError, match=r"preset 'shapes-quick' expects frames of shape \(3, 32, 32\), dataset "
-                                         r"'sprites' has \(3, 64, 64\)"):
+                                         r"'sprites' has \(3, 48, 48\)"):
         _check_fits(build_model('dbse', 'shapes-quick'), info)
 
 
@@ -262,6 +262,18 @@ def test_cli_train_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--epochs', '1', '--out', 'x', '--model', 'vae'])
     assert "invalid choice: 'vae'" in capsys.readouterr().err
+
+
+def test_resize_video(shapes16):
+    from seqdis_nb.train import resize_video
+    d = resize_video(shapes16, 4)
+    assert d.info.frame_shape == (3, 4, 4) and d.train.x.shape == (len(shapes16.train), 8, 4, 4, 3)
+    assert d.train.x.dtype == np.uint8 and np.array_equal(d.test.static, shapes16.test.static)
+    want = shapes16.val.x[3, 5, 4:8, 8:12].astype(np.float32).mean((0, 1))
+    assert np.array_equal(d.val.x[3, 5, 1, 2], np.rint(want).astype(np.uint8))
+    assert np.array_equal(resize_video(shapes16, 16).train.x, shapes16.train.x)
+    with pytest.raises(ValueError, match='the size must divide 16'): resize_video(shapes16, 5)
+    with pytest.raises(ValueError, match='the size must divide 16'): resize_video(shapes16, 32)
 
 
 def test_bench_trainer_steps_runs(capsys):
