@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument('--preset', default='shapes-quick')
     p.add_argument('--json', help='also write the results to this file')
     p.add_argument('--only', type=int, nargs='+', choices=range(len(LAYOUTS)), help='run these layouts (0 1 2)')
+    p.add_argument('--rounds', type=int, default=1, help='run the layouts in turn this many times; report medians')
     p.add_argument('--worker', nargs=2, metavar=('THREADS', 'OUT'), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0 or a.batch < 2 or a.batch % 2:
@@ -99,19 +100,22 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp())
     print(f"DBSE {a.preset}, global batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps, {os.cpu_count()} "
           f"CPU(s); load average before: {os.getloadavg()[0]:.1f}")
-    rows = []
-    for name, ranks, threads in [l for i, l in enumerate(LAYOUTS) if a.only is None or i in a.only]:
-        load = os.getloadavg()[0]
-        r = run_layout(a, ranks, threads, tmp / f'{ranks}x{threads}.json')
-        r.update(layout=name, load_before=load)
-        rows.append(r)
-        ar = f"; gradient all-reduce {r['allreduce_ms']:.1f} ms" if r['allreduce_ms'] is not None else ''
-        print(f"  {name:<20} {r['seqs_per_s']:8.1f} sequences/s  ({r['step_ms']:.0f} ms a step{ar}; load average "
-              f"{load:.1f})", flush=True)
+    runs = {}
+    for k in range(a.rounds):      # the layouts in turn, so a change of the machine's load hits all of them
+        for name, ranks, threads in [l for i, l in enumerate(LAYOUTS) if a.only is None or i in a.only]:
+            load = os.getloadavg()[0]
+            r = run_layout(a, ranks, threads, tmp / f'{ranks}x{threads}.json')
+            r.update(layout=name, load_before=load, round=k)
+            runs.setdefault(name, []).append(r)
+            ar = f"; gradient all-reduce {r['allreduce_ms']:.1f} ms" if r['allreduce_ms'] is not None else ''
+            print(f"  {name:<20} {r['seqs_per_s']:8.1f} sequences/s  ({r['step_ms']:.0f} ms a step{ar}; load "
+                  f"average {load:.1f})", flush=True)
+    rows = [sorted(rs, key=lambda r: r['seqs_per_s'])[len(rs) // 2] for rs in runs.values()]   # median run
+    if a.rounds > 1: print('medians: ' + ', '.join(f"{r['layout']} {r['seqs_per_s']:.1f}" for r in rows))
     base = rows[0]['seqs_per_s']
     print(f'speed-up over {rows[0]["layout"]}: ' + ', '.join(f"{r['layout']} {r['seqs_per_s'] / base:.2f}x"
                                                             for r in rows[1:]))
-    if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.json: Path(a.json).write_text(json.dumps(runs, indent=1))
     return rows
 
 

@@ -244,6 +244,12 @@ def launch(main_fn, device=None, timeout: float = 1800., environ=None):
     if not env.distributed: return main_fn(env, device)
     device = init_distributed(env, device, timeout)
     try:
-        if env.is_main: return main_fn(env, device)
-        with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null): return main_fn(env, device)
-    finally: shutdown_distributed()
+        if env.is_main: out = main_fn(env, device)
+        else:
+            with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null): out = main_fn(env, device)
+    except BaseException:
+        shutdown_distributed()              # at once: the peers may be gone
+        raise
+    dist.barrier()                          # nobody tears the group down (rank 0 hosts its store) while others use it
+    shutdown_distributed()
+    return out
