@@ -18,6 +18,7 @@ def bn_apply(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tens
     "`bn(x)` for an affine BatchNorm with tracked running statistics, for x (N, C, ...) of any rank >= 2."
     if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
         raise ValueError("bn_apply needs an affine BatchNorm with track_running_stats=True and a fixed momentum")
+    if isinstance(bn, nn.SyncBatchNorm): return bn(x)  # --sync-bn under torchrun: statistics over every rank
     if bn.training: bn.num_batches_tracked.add_(1)
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
 

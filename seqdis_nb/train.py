@@ -189,6 +189,8 @@ def _fmt_terms(terms: dict) -> dict:
 
 class Trainer:
     "Train `model` on `data.train`, validate on `data.val`, checkpoint into `out_dir`. See the notebook for the files."
+    world_size = 1      # processes that share each step (`seqdis_nb.distributed.DistributedTrainer` sets it)
+
     def __init__(self, model, data: DataBundle, out_dir, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 0, device=None, checkpoint_every: int | None = None, steps_per_epoch: int | None = None,
                  val_batch_size: int = 256, val_batches: int | None = None, dataset: str | None = None,
@@ -323,8 +325,9 @@ class Trainer:
                 terms = self.train_step(x)
                 if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
                 cur['time'] += time.perf_counter() - t0
-                cur['seqs'] += len(x)
-                for k, v in terms.items(): cur['sums'][k] = cur['sums'].get(k, 0.) + v * len(x)
+                n_seq = len(x) * self.world_size                                # this step's sequences, all ranks
+                cur['seqs'] += n_seq
+                for k, v in terms.items(): cur['sums'][k] = cur['sums'].get(k, 0.) + v * n_seq
                 self.metrics['steps'].append(self.step); self.metrics['step_loss'].append(terms['loss'])
                 bar.update(1); bar.set_postfix(_fmt_terms(terms), refresh=False)
                 at_end = self.step == (self.epoch + 1) * self.steps_per_epoch
@@ -377,8 +380,14 @@ def _check_fits(model, info) -> None:
                          f"has {data_shape}: choose a preset made for this data")
 
 def cmd_train(args) -> int:
-    "`seqdis train`: build, train, print where the outputs are."
+    """`seqdis train`: build, train, print where the outputs are. Under torchrun (RANK and WORLD_SIZE set) this
+    process is one rank of a DistributedDataParallel job (04a_distributed); rank 0 prints and writes."""
+    from .distributed import launch         # imported here: seqdis_nb.distributed imports this module
     if args.threads: torch.set_num_threads(args.threads)
+    return launch(lambda env, device: _train(args, env, device), args.device, args.dist_timeout)
+
+def _train(args, env, device) -> int:
+    from .distributed import DistributedTrainer, PeerLostError
     cls = model_class(args.model)
     over = {k: v for k, v in (('lr', args.lr), ('batch_size', args.batch_size)) if v is not None}
     cfg = cls.config_class.preset(args.preset, **over)
@@ -400,18 +409,23 @@ def cmd_train(args) -> int:
     model = cls(cls.config_class.preset(args.preset, **over))
     _check_fits(model, data.info)
     out = Path(args.out)
-    tr = Trainer(model, data, out, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
-                 steps_per_epoch=args.steps_per_epoch, dataset=args.dataset, progress=not args.quiet)
+    kind, kw = (DistributedTrainer, {'env': env, 'sync_bn': args.sync_bn}) if env.distributed else (Trainer, {})
+    tr = kind(model, data, out, seed=args.seed, device=device, checkpoint_every=args.checkpoint_every,
+              steps_per_epoch=args.steps_per_epoch, dataset=args.dataset, progress=not args.quiet, **kw)
     resumed = args.resume and tr.last_path.exists()
     if args.resume and not resumed: print(f"--resume: no checkpoint in {out}, starting a new run")
     n_par = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({args.preset}, {n_par:,} parameters) on {args.dataset} "
           f"({len(data.train)} train / {len(data.val)} val sequences) on {tr.device}: {args.epochs} epoch(s) of "
-          f"{tr.steps_per_epoch} steps, batch {tr.batch_size}" + (", resuming" if resumed else ''))
+          f"{tr.steps_per_epoch} steps, batch {tr.batch_size}" + (", resuming" if resumed else '')
+          + (f"; {env.world_size} ranks x batch {tr.local_batch_size}" if env.distributed else ''))
     try: m = tr.fit(args.epochs, resume=args.resume)
     except NonFiniteLossError as e:
         print(f"seqdis train: stopped: {e}", file=sys.stderr)
         return 3
+    except PeerLostError as e:
+        print(f"seqdis train: the distributed job failed: {e}", file=sys.stderr)
+        return 4
     last, best = m['epochs'][-1], m['best']
     wall = sum(r['wall_time'] for r in m['epochs'])
     print(f"done: epoch {last['epoch']}, step {last['step']}, train loss {last['train']['loss']:.4g}"
@@ -444,4 +458,8 @@ def register_cli(sub) -> None:
                    "frames to it (32, 16, 8); either way the model's image_size is set to it (default: the preset's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--sync-bn', action='store_true', help='under torchrun on GPUs: BatchNorm statistics over the '
+                   'global batch (SyncBatchNorm); default: each rank normalises with its own batch')
+    p.add_argument('--dist-timeout', type=float, default=1800., metavar='S', help='under torchrun: a rank that '
+                   'waits S seconds for the others ends the job with an error (default 1800)')
     p.set_defaults(func=cmd_train)
