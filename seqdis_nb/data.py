@@ -62,6 +62,14 @@ def _as_index(idx, n: int) -> np.ndarray:
         raise IndexError(f"idx out of range for a split of {n} sequences: min {idx.min()}, max {idx.max()}")
     return idx
 
+def _int_labels(a, name: str) -> np.ndarray:
+    "`a` as an int64 array; TypeError naming `name` unless it holds integers (integral floats are accepted)."
+    arr = np.asarray(a) if not isinstance(a, torch.Tensor) else a.detach().cpu().numpy()
+    integral = np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and (arr == np.round(arr)).all()
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or integral):
+        raise TypeError(f"{name} must hold integer labels, got {type(a).__name__} of dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
 class SeqSplit(Dataset):
     "One split of a labelled sequence dataset: returns `(x, static, dynamic)` with x in (T, C, H, W) or (T, F)."
     def __init__(self, x, static, dynamic, char, info: DatasetInfo, scale: float = 255., lengths=None):
@@ -79,7 +87,7 @@ class SeqSplit(Dataset):
         if info.seq_len is not None and x.shape[1] != info.seq_len:
             raise ValueError(f"x must have {info.seq_len} steps (info.seq_len), got {x.shape[1]}")
         N, K = len(x), len(info.static_factors)
-        static, dynamic, char = (np.asarray(a, dtype=np.int64) for a in (static, dynamic, char))
+        static, dynamic, char = (_int_labels(a, k) for a, k in ((static, 'static'), (dynamic, 'dynamic'), (char, 'char')))
         if static.shape != (N, K): raise ValueError(f"static must have shape ({N}, {K}), got {static.shape}")
         if dynamic.shape != (N,): raise ValueError(f"dynamic must have shape ({N},), got {dynamic.shape}")
         if char.shape != (N,): raise ValueError(f"char must have shape ({N},), got {char.shape}")
@@ -93,7 +101,7 @@ class SeqSplit(Dataset):
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}")
         if lengths is not None:
-            lengths = np.asarray(lengths, dtype=np.int64)
+            lengths = _int_labels(lengths, 'lengths')
             if lengths.shape != (N,) or (N and (lengths.min() < 1 or lengths.max() > x.shape[1])):
                 raise ValueError(f"lengths must have shape ({N},) with values in [1, {x.shape[1]}]")
         self.x, self.static, self.dynamic, self.char = x, static, dynamic, char

@@ -251,8 +251,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path) -> Path:
-        return save_checkpoint(path, self.model, self.optimizer, self.epoch, self.step, self.dataset,
-                               metrics=self.metrics)
+        try: return save_checkpoint(path, self.model, self.optimizer, self.epoch, self.step, self.dataset,
+                                    metrics=self.metrics)
+        except OSError as e:   # full disk, lost mount...: atomic_write left the previous file as it was
+            raise OSError(e.errno, f"cannot write the checkpoint {path} ({e.strerror or e}); the checkpoints already "
+                          f"in {self.out_dir} are intact: resume with --resume once it can be written") from e
 
     def resume(self, path=None) -> bool:
         "Load `path` (default `last.pt`) into this trainer; False (and nothing loaded) if there is no checkpoint."
@@ -304,11 +307,15 @@ class Trainer:
         """Train until `epochs` epochs are complete. `resume=True` continues from `out_dir/last.pt` when it exists;
         without it an `out_dir` that already holds a run is an error. Returns the metrics."""
         if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        if resume: self.resume()
+        if resume:
+            self.resume()
+            for p in self.out_dir.glob('.*.tmp'): p.unlink(missing_ok=True)   # partial writes of a killed run
         elif self.last_path.exists():
             raise ValueError(f"{self.out_dir} already holds a run (last.pt): pass resume=True (--resume) to continue "
                              f"it, or choose another output folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try: self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write to the output folder {self.out_dir} ({e.strerror or e})") from e
         self.model.train()
         while self.epoch < epochs:
             done = self.step - self.epoch * self.steps_per_epoch                # batches of this epoch already seen
@@ -389,6 +396,9 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as e:
         print(f"seqdis train: stopped: {e}", file=sys.stderr)
         return 3
+    except OSError as e:       # a write failed (see `Trainer.save`): a message, not a traceback
+        print(f"seqdis train: stopped: {e.strerror or e}", file=sys.stderr)
+        return 4
     last, best = m['epochs'][-1], m['best']
     wall = sum(r['wall_time'] for r in m['epochs'])
     print(f"done: epoch {last['epoch']}, step {last['step']}, train loss {last['train']['loss']:.4g}"
