@@ -295,6 +295,8 @@ def load_judge(path, device=None) -> Judge:
     except Exception as e: raise JudgeError(f"judge file {path} is not readable (corrupt or truncated?): {e}") from e
     if not isinstance(d, dict) or d.get('format') != JUDGE_FORMAT:
         raise JudgeError(f"{path} is not a {JUDGE_FORMAT!r} file")
+    missing = [k for k in ('config', 'factors', 'classes', 'n_dynamic', 'meta', 'state_dict', 'sha256') if k not in d]
+    if missing: raise JudgeError(f"judge file {path} lacks the entries {missing}")
     header = {k: d[k] for k in ('format', 'config', 'factors', 'classes', 'n_dynamic', 'meta')}
     if _judge_digest(header, d['state_dict']) != d.get('sha256'):
         raise JudgeError(f"judge file {path} fails its SHA-256 checksum: it was modified or corrupted")

@@ -410,6 +410,16 @@ def cmd_train(args) -> int:
     print(f"  loss.png      loss curves")
     return 0
 
+def _positive(kind=int):
+    "An argparse `type`: a positive finite `kind` (int or float), else a usage error naming the option."
+    def parse(s: str):
+        try: v = kind(s)
+        except ValueError: v = None
+        if v is None or not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {s!r}")
+        return v
+    return parse
+
 def register_cli(sub) -> None:
     "Add `seqdis train` to the `seqdis` sub-command parsers."
     p = sub.add_parser('train', help='train a model, writing checkpoints, metrics.json and loss.png',
@@ -418,17 +428,17 @@ def register_cli(sub) -> None:
     p.add_argument('--dataset', required=True, choices=sorted(DATASETS))
     p.add_argument('--preset', required=True, help="config preset of the model, e.g. shapes-quick, sprites-cpu")
     p.add_argument('--model', default='dbse', choices=sorted(MODELS))
-    p.add_argument('--epochs', type=int, required=True, help='train until this many epochs are complete')
-    p.add_argument('--steps-per-epoch', type=int, help='steps per epoch (default: one pass over the training split)')
-    p.add_argument('--batch-size', type=int, help="default: the preset's")
-    p.add_argument('--lr', type=float, help="default: the preset's")
+    p.add_argument('--epochs', type=_positive(), required=True, help='train until this many epochs are complete')
+    p.add_argument('--steps-per-epoch', type=_positive(), help='steps per epoch (default: one pass over the training split)')
+    p.add_argument('--batch-size', type=_positive(), help="default: the preset's")
+    p.add_argument('--lr', type=_positive(float), help="default: the preset's")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     p.add_argument('--device', help='cpu, cuda, cuda:1 (default: $SEQDIS_DEVICE, else CUDA when available)')
-    p.add_argument('--checkpoint-every', type=int, metavar='N', help='also write last.pt every N steps')
-    p.add_argument('--size', type=int, help="Shapes only: draw frames of this size and set the model's image_size "
+    p.add_argument('--checkpoint-every', type=_positive(), metavar='N', help='also write last.pt every N steps')
+    p.add_argument('--size', type=_positive(), help="Shapes only: draw frames of this size and set the model's image_size "
                    "to it (default: the preset's image_size)")
-    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    p.add_argument('--threads', type=_positive(), help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=cmd_train)

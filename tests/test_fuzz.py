@@ -385,31 +385,41 @@ def test_fuzz_seqsplit_batch_index(kind):
 from seqdis_nb.cli import build_parser
 
 WORDS = ['train', 'info', 'eval', 'judge', '--dataset', 'shapes', 'sprites', 'nope', '--preset', 'shapes-quick',
-         '--epochs', '--batch-size', '--steps-per-epoch', '--checkpoint-every', '--threads', '--size', '--lr',
-         '--seed', '--out', '/tmp/x', '--model', 'dbse', 'spyl', 'vae', '--resume', '--device', 'cpu', '0', '1',
-         '-1', '3', '1e-3', '-0.5', 'nan', 'inf', 'abc', '', '--', '-x', '--help']
-POSITIVE = ('epochs', 'batch_size', 'steps_per_epoch', 'checkpoint_every', 'threads', 'size')
+         '--epochs', '--out', '/tmp/x', '--model', 'vae', '--resume', '', '--', '-x', '--help']
+VALUES = ['0', '1', '-1', '3', '1e-3', '-0.5', '2.5', 'nan', 'inf', '-inf', 'abc', '', '1e400', '0x10', ' 7', '--']
+OPTIONS = {'--epochs': 'epochs', '--batch-size': 'batch_size', '--steps-per-epoch': 'steps_per_epoch',
+           '--checkpoint-every': 'checkpoint_every', '--threads': 'threads', '--size': 'size', '--lr': 'lr',
+           '--seed': 'seed', '--model': 'model', '--device': 'device', '--dataset': 'dataset'}
+
+def _sane(k, v):
+    if k == 'lr': return isinstance(v, float) and math.isfinite(v) and v > 0
+    if k == 'seed': return isinstance(v, int)
+    if k in ('model', 'device', 'dataset'): return isinstance(v, str)
+    return isinstance(v, int) and v >= 1
 
 def test_fuzz_cli_parser(capsys):
-    "Any argv either parses into sane values or is an argparse usage error (exit 2, message on stderr)."
+    """`seqdis train` argv: the required options, then random options with random values, sometimes random words.
+    Each either parses into sane values (positive counts, a positive finite lr) or is a usage error: exit 2 with
+    `error: argument --NAME` on stderr."""
     p = build_parser()
     @FUZZ
-    @given(st.lists(st.sampled_from(WORDS), max_size=12))
-    def run(argv):
+    @given(st.lists(st.tuples(st.sampled_from(sorted(OPTIONS)), st.sampled_from(VALUES)), max_size=5),
+           st.lists(st.sampled_from(WORDS), max_size=3), st.booleans())
+    def run(opts, words, shuffle_words):
         COUNTS['cli.parse_args'] += 1
+        argv = ['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--epochs', '2', '--out', '/tmp/x']
+        for k, v in opts: argv += [k, v]
+        argv = (words + argv) if shuffle_words else (argv + words)
         try: a = p.parse_args(argv)
         except SystemExit as e:
-            err = capsys.readouterr()
-            assert e.code in (0, 2), e.code
-            if e.code == 2: assert 'error:' in err.err, err
-            else: assert '--help' in argv or '--version' in argv
+            err = capsys.readouterr().err
+            if e.code == 0: assert '--help' in argv; return
+            assert e.code == 2 and 'error:' in err, (e.code, err)
             return
         assert callable(a.func)
-        for k in POSITIVE:
-            v = getattr(a, k, None)
-            assert v is None or (isinstance(v, int) and v >= 1), f'--{k.replace("_", "-")} {v} accepted'
-        lr = getattr(a, 'lr', None)
-        assert lr is None or (math.isfinite(lr) and lr > 0), f'--lr {lr} accepted'
+        if a.command == 'train':
+            for k, v in opts:
+                if f'{k} {v}' in ' '.join(argv): assert _sane(OPTIONS[k], getattr(a, OPTIONS[k])), (k, v, argv)
     run()
 
 
