@@ -16,6 +16,7 @@ from torch import nn
 
 from .core import check_tensor, reparameterize
 from .ops import gauss_kl, sub_first
+from .speed import conv_decode, conv_encode, convs_to_channels_last, prior_lstm
 
 # %% auto #0
 __all__ = ['ENCODERS', 'DBSE_PRESETS', 'DBSEConfig', 'ConvBlock', 'UpConvBlock', 'ConvFrameEncoder', 'ConvFrameDecoder',
@@ -51,12 +52,15 @@ class DBSEConfig:
     lr: float = 2e-3
     batch_size: int = 128
     backend: str | None = None       # ops backend: None ($SEQDIS_BACKEND) | 'auto' | 'torch' | 'triton'
+    fast: bool = True                # the fast path of 03a_speed (same maths and parameters); False: the plain spec
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.static_from not in ('first', 'all'):
             raise ValueError(f"static_from must be 'first' or 'all', got {self.static_from!r}")
+        if not isinstance(self.fast, bool):
+            raise TypeError(f"fast must be a bool, got {self.fast!r}")
         if self.backend not in (None, 'auto', 'torch', 'triton'):
             raise ValueError(f"backend must be None, 'auto', 'torch' or 'triton', got {self.backend!r}")
         for k in ('channels', 'image_size', 'seq_len', 'nf', 'seq_hidden', 'g_dim', 'rnn_dim', 'f_dim', 'z_dim',
@@ -237,6 +241,10 @@ def init_dbse_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
+def _fast(config) -> bool:
+    "Whether a model runs the fast path of 03a_speed; configs without the switch (SPYL's) run the plain path."
+    return getattr(config, 'fast', False)
+
 def _as_config(config) -> DBSEConfig:
     if isinstance(config, DBSEConfig): return config
     if isinstance(config, str): return DBSEConfig.preset(config)
@@ -269,6 +277,8 @@ class DBSE(nn.Module):
         self.z_mean, self.z_logvar = nn.Linear(2 * z, z), nn.Linear(2 * z, z)
         self.static_feature_extractor = nn.Sequential(nn.Linear(g, r), nn.Tanh())
         init_dbse_weights(self)
+        if cfg.fast and cfg.encoder == 'conv':      # after the init: a seed gives the same weights on both paths
+            convs_to_channels_last(self.encoder); convs_to_channels_last(self.decoder)
 
     # ---------------------------------------------------------------- input checks
     def validate_input(self, x: torch.Tensor, name: str = 'x') -> torch.Tensor:
@@ -320,7 +330,9 @@ class DBSE(nn.Module):
         "Frame features h: (B, T, ...) -> (B, T, g)."
         B, T = x.shape[:2]
         if self.config.encoder == 'conv':
-            return self.encoder(x.reshape(B * T, *x.shape[2:])).view(B, T, -1)    # (B*T, C, H, W) -> (B, T, g)
+            frames = x.reshape(B * T, *x.shape[2:])                              # (B*T, C, H, W)
+            h = conv_encode(self.encoder, frames) if _fast(self.config) else self.encoder(frames)
+            return h.view(B, T, -1)                                              # (B, T, g)
         return self.encoder(x)                                                   # (B, T, F) -> (B, T, g)
 
     def _posterior(self, h: torch.Tensor, generator: torch.Generator | None = None) -> Posterior:
@@ -357,6 +369,9 @@ class DBSE(nn.Module):
 
     def prior(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Teacher-forced prior p(d_t | d_<t) for posterior samples d (B, T, z): (mean, logvar), each (B, T, z)."
+        if _fast(self.config):                                                   # one fused LSTM call, same maths
+            h = prior_lstm(self.z_prior_lstm_ly1, self.z_prior_lstm_ly2, d)     # (B, T, r)
+            return self.z_prior_mean(h), self._guard(self.z_prior_logvar(h))
         d_prev, state = self._prior_init(d.shape[0])
         means, logvars = [], []
         for t in range(d.shape[1]):
@@ -384,8 +399,23 @@ class DBSE(nn.Module):
         B, T = d.shape[:2]
         c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f), dynamic first
         if self.config.encoder == 'conv':
-            return self.decoder(c.reshape(B * T, -1)).view(B, T, *self.config.frame_shape)   # (B, T, C, H, W)
+            c = c.reshape(B * T, -1)                                             # (B*T, z + f)
+            y = conv_decode(self.decoder, [c])[0] if _fast(self.config) else self.decoder(c)
+            return y.view(B, T, *self.config.frame_shape)                        # (B, T, C, H, W)
         return self.decoder(c)                                                   # (B, T, F)
+
+    def _decode_with_first(self, s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dec(d_t, s) for all t (B, T, ...) and the authors' second decode Dec(d_1, s) (B, ...). Only a train-mode
+        BatchNorm (the conv decoder) makes the second differ from the first frame of the first (see 03a_speed)."""
+        cfg = self.config
+        if not cfg.fast: return self._decode(s, d), self._decode(s, d[:, :1])[:, 0]
+        if not (self.training and cfg.encoder == 'conv'):
+            recon = self._decode(s, d)
+            return recon, recon[:, 0]
+        B, T = d.shape[:2]
+        c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f)
+        recon, first = conv_decode(self.decoder, [c.reshape(B * T, -1), c[:, 0]])   # one pass, BatchNorm per call
+        return recon.view(B, T, *cfg.frame_shape), first                         # (B, T, C, H, W), (B, C, H, W)
 
     def decode(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         "Decode static codes s (B, f) with dynamic codes d (B, T, z) into sequences (B, T, ...)."
@@ -400,8 +430,7 @@ class DBSE(nn.Module):
         "Posterior, teacher-forced prior and reconstructions of x (B, T, ...)."
         post = self.encode(x, generator)
         p_mean, p_logvar = self.prior(post.d)
-        recon = self._decode(post.s, post.d)
-        recon_first = self._decode(post.s, post.d[:, :1])[:, 0]                  # Dec(d_1, s): (B, ...)
+        recon, recon_first = self._decode_with_first(post.s, post.d)            # (B, T, ...), Dec(d_1, s) (B, ...)
         return DBSEOutput(*post, p_mean, p_logvar, recon, recon_first)
 
     def loss_terms(self, x: torch.Tensor, out: DBSEOutput) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """SPYL (nbs/07_spyl.ipynb): the authors' layout, the MWS mutual information, InfoNCE, training, the shared API."""
-import io, json, math
+import io, json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +246,11 @@ def test_presets_build_and_round_trip():
         assert SPYLConfig.from_dict(cfg.to_dict()) == cfg and cfg.name == name
     with pytest.raises(ValueError, match='unknown SPYL preset'): SPYLConfig.preset('sprite')
     with pytest.raises(TypeError, match='config must be'): SPYL(1.0)
+
+
+def test_bench_smoke():
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / 'bench' / 'spyl_step.py'), '--smoke'], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(root)})
+    assert r.returncode == 0, r.stderr
+    assert 'load average' in r.stdout and 'shapes-quick' in r.stdout and '+views/DBSE' in r.stdout, r.stdout
