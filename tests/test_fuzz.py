@@ -126,6 +126,7 @@ def _model(cls, kw):
 
 def _models():
     out = {'dbse': (DBSE, CONV), 'dbse-mlp': (DBSE, MLP)}
+    if 'fast' in DBSEConfig.__dataclass_fields__: out['dbse-plain'] = (DBSE, dict(CONV, fast=False))
     try:
         from seqdis_nb.spyl import SPYL
         out.update({'spyl': (SPYL, CONV), 'spyl-mlp': (SPYL, MLP)})
@@ -420,6 +421,62 @@ def test_fuzz_cli_parser(capsys):
         if a.command == 'train':
             for k, v in opts:
                 if f'{k} {v}' in ' '.join(argv): assert _sane(OPTIONS[k], getattr(a, OPTIONS[k])), (k, v, argv)
+    run()
+
+
+# ------------------------------------------------------------------------------------------------- interop
+def _mutate_state(draw, sd):
+    "A copy of state_dict `sd` with at most one thing wrong: (state, what, must_fail)."
+    sd = dict(sd)
+    keys = sorted(sd)
+    k = draw(st.sampled_from(keys))
+    what = draw(st.sampled_from(['none', 'drop', 'rename', 'extra', 'shape', 'dtype', 'value', 'nan', 'wrap',
+                                 'module.', 'noncontig']))
+    if what == 'drop': del sd[k]
+    elif what == 'rename': sd[k + '_x'] = sd.pop(k)
+    elif what == 'extra': sd['extra.weight'] = torch.zeros(2)
+    elif what == 'shape':
+        t = sd[k]
+        sd[k] = torch.zeros(*(t.shape[:-1] if t.dim() else ()), (t.shape[-1] if t.dim() else 1) + 1)
+    elif what == 'dtype': sd[k] = sd[k].to(draw(st.sampled_from([torch.int64, torch.bool, torch.complex64])))
+    elif what == 'value': sd[k] = draw(st.sampled_from([None, 1.0, 'w', [1, 2], np.zeros(2)]))
+    elif what == 'nan':
+        t = sd[k].clone(memory_format=torch.contiguous_format)
+        if t.is_floating_point() and t.numel(): t.view(-1)[0] = float('nan')
+        sd[k] = t
+    elif what == 'wrap': return draw(st.sampled_from([{'state_dict': sd}, {'model': sd, 'optimizer': {}}])), what, False
+    elif what == 'module.': return {'module.' + a: b for a, b in sd.items()}, what, False
+    elif what == 'noncontig':
+        t = sd[k]
+        if t.dim() >= 2: sd[k] = t.transpose(0, 1).contiguous().transpose(0, 1)
+    return sd, what, what in ('drop', 'rename', 'extra', 'shape', 'value')
+
+
+def test_fuzz_from_official():
+    """from_official on the authors' layout of a tiny model, with one key dropped / renamed / added, a tensor of
+    another shape or dtype, a non-tensor, a NaN, wrappers: the exact weights, or an error (never KeyError etc.)."""
+    I = pytest.importorskip('seqdis_nb.interop')
+    tiny = dict(g_dim=8, rnn_dim=8, f_dim=4, z_dim=4)            # the authors' frames are 64x64, widths 64-512
+    models = {'dbse': _model(DBSE, dict(tiny, image_size=64, nf=64))}
+    if 'spyl' in MODELS: models['spyl'] = _model(type(MODELS['spyl']), dict(tiny, image_size=64, nf=64))
+    official = {k: I.to_official(m) for k, m in models.items()}
+    @FUZZ
+    @given(st.sampled_from(sorted(models)), st.data())
+    def run(kind, data):
+        COUNTS['interop.from_official'] += 1
+        sd, what, must_fail = _mutate_state(data.draw, official[kind])
+        try: m = I.from_official(sd, kind, device='cpu')
+        except (ValueError, TypeError) as e:
+            assert str(e), 'an error without a message'
+            assert must_fail or what in ('dtype', 'nan'), f'{what}: refused a good state_dict: {e}'
+            return
+        assert not must_fail, f'{what}: accepted'
+        want = models[kind].state_dict()
+        got = m.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            if what in ('dtype', 'nan'): continue       # loaded as given (weights need not be finite)
+            assert torch.equal(got[k], want[k]), k
     run()
 
 
