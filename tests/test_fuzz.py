@@ -424,6 +424,24 @@ def test_fuzz_cli_parser(capsys):
     run()
 
 
+# ------------------------------------------------------------------------------------------------- judge
+@pytest.mark.parametrize('method', ['forward'])
+def test_fuzz_judge(method):
+    J = pytest.importorskip('seqdis_nb.judge')
+    torch.manual_seed(0)
+    judge = J.Judge(J.JudgeConfig.preset('tiny', image_size=S, nf=4, g_dim=8, rnn_dim=8), ['a', 'b'], [3, 2], 1).eval()
+    call = judge.predict if method == 'predict' else judge
+    @FUZZ
+    @given(st.integers(1, 3), st.integers(1, 4), st.data())
+    def run(b, t, data):
+        case = data.draw(mutated((b, t, C, S, S), 'x'))
+        if case[2] == 'size' and case[3] != 'empty':
+            fr = [C, S, S]; fr[data.draw(st.integers(0, 2))] += data.draw(st.sampled_from([-1, 1, 8]))
+            case = (torch.rand(b, t, *fr), None, 'size', 'size')
+        check(f'judge.{method}', call, 'x', case)
+    run()
+
+
 # ------------------------------------------------------------------------------------------------- interop
 def _mutate_state(draw, sd):
     "A copy of state_dict `sd` with at most one thing wrong: (state, what, must_fail)."
