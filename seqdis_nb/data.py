@@ -38,6 +38,18 @@ class DatasetInfo:
     def __post_init__(self):
         if self.kind not in ('video', 'sequence'):
             raise ValueError(f"kind must be 'video' or 'sequence', got {self.kind!r}")
+        if not isinstance(self.name, str) or not self.name: raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        for k, ok, what in (('static_factors', lambda v: isinstance(v, str), 'names (str)'),
+                            ('dynamic_factors', lambda v: isinstance(v, str), 'names (str)'),
+                            ('static_classes', lambda v: isint(v) and v >= 1, 'class counts (int >= 1)'),
+                            ('dynamic_classes', lambda v: isint(v) and v >= 1, 'class counts (int >= 1)'),
+                            ('frame_shape', lambda v: isint(v) and v >= 1, 'sizes (int >= 1)')):
+            v = getattr(self, k)
+            if not isinstance(v, (list, tuple)) or not all(map(ok, v)):
+                raise TypeError(f"{k} must be a list of {what}, got {v!r}")
+        if self.seq_len is not None and not (isint(self.seq_len) and self.seq_len >= 1):
+            raise TypeError(f"seq_len must be None (variable length) or an int >= 1, got {self.seq_len!r}")
         if len(self.static_factors) != len(self.static_classes):
             raise ValueError(f"static_factors ({len(self.static_factors)}) and static_classes "
                              f"({len(self.static_classes)}) must have the same length")

@@ -365,6 +365,34 @@ def test_fuzz_seqsplit(info):
     run()
 
 
+INFO_ARGS = dict(name='toy', kind='video', static_factors=['colour'], static_classes=[3], dynamic_factors=['move'],
+                 dynamic_classes=[2], seq_len=4, frame_shape=(3, 8, 8))
+
+def test_fuzz_dataset_info():
+    "DatasetInfo with one field replaced by junk: a usable info, or an error naming the field."
+    @FUZZ
+    @given(st.sampled_from(sorted(INFO_ARGS) + [None]), st.sampled_from(
+        [None, '', 'abc', 1.5, -1, 0, True, [], [0], [2], [[1]], ['x'], (3, 8, 8), (3, -8, 8), ('a', 'b'), [np.int64(2)],
+         np.array([2]), 'video', 'sequence', (5,)]))
+    def run(field, junk):
+        COUNTS['DatasetInfo'] += 1
+        kw = dict(INFO_ARGS)
+        if field is not None: kw[field] = junk
+        try: info = DatasetInfo(**kw)
+        except (ValueError, TypeError) as e:
+            assert field is not None, e
+            names = [field] + {'static_factors': ['static_classes'], 'static_classes': ['static_factors'],
+                               'dynamic_factors': ['dynamic_classes'], 'dynamic_classes': ['dynamic_factors'],
+                               'kind': ['frame_shape'], 'frame_shape': ['kind']}.get(field, [])
+            assert any(n in str(e) for n in names), f'{field}={junk!r}: {e}'
+            return
+        assert isinstance(info.name, str) and info.name
+        assert len(info.static_factors) == len(info.static_classes) and all(c >= 1 for c in info.static_classes)
+        assert all(isinstance(v, int) and v >= 1 for v in info.frame_shape)
+        assert info.seq_len is None or info.seq_len >= 1
+    run()
+
+
 @pytest.mark.parametrize('kind', ['video', 'sequence'])
 def test_fuzz_seqsplit_batch_index(kind):
     s = SeqSplit(**_split_args(VIDEO if kind == 'video' else SEQ, 5))
