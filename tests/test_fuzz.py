@@ -369,22 +369,22 @@ INFO_ARGS = dict(name='toy', kind='video', static_factors=['colour'], static_cla
                  dynamic_classes=[2], seq_len=4, frame_shape=(3, 8, 8))
 
 def test_fuzz_dataset_info():
-    "DatasetInfo with one field replaced by junk: a usable info, or an error naming the field."
+    "DatasetInfo with up to two fields replaced by junk: a usable info, or an error naming a replaced field."
+    JUNK_INFO = [None, '', 'abc', 1.5, -1, 0, True, [], [0], [2], [[1]], ['x'], (3, 8, 8), (3, -8, 8), ('a', 'b'),
+                 [np.int64(2)], np.array([2]), 'video', 'sequence', (5,)]
+    PARTNER = {'static_factors': ['static_classes'], 'static_classes': ['static_factors'], 'kind': ['frame_shape'],
+               'dynamic_factors': ['dynamic_classes'], 'dynamic_classes': ['dynamic_factors'], 'frame_shape': ['kind']}
     @FUZZ
-    @given(st.sampled_from(sorted(INFO_ARGS) + [None]), st.sampled_from(
-        [None, '', 'abc', 1.5, -1, 0, True, [], [0], [2], [[1]], ['x'], (3, 8, 8), (3, -8, 8), ('a', 'b'), [np.int64(2)],
-         np.array([2]), 'video', 'sequence', (5,)]))
-    def run(field, junk):
+    @given(st.lists(st.tuples(st.sampled_from(sorted(INFO_ARGS)), st.sampled_from(JUNK_INFO)), max_size=2))
+    def run(changes):
         COUNTS['DatasetInfo'] += 1
         kw = dict(INFO_ARGS)
-        if field is not None: kw[field] = junk
+        for field, junk in changes: kw[field] = junk
         try: info = DatasetInfo(**kw)
         except (ValueError, TypeError) as e:
-            assert field is not None, e
-            names = [field] + {'static_factors': ['static_classes'], 'static_classes': ['static_factors'],
-                               'dynamic_factors': ['dynamic_classes'], 'dynamic_classes': ['dynamic_factors'],
-                               'kind': ['frame_shape'], 'frame_shape': ['kind']}.get(field, [])
-            assert any(n in str(e) for n in names), f'{field}={junk!r}: {e}'
+            assert changes, e
+            names = [n for f, _ in changes for n in [f] + PARTNER.get(f, [])]
+            assert any(n in str(e) for n in names), f'{changes}: {e}'
             return
         assert isinstance(info.name, str) and info.name
         assert len(info.static_factors) == len(info.static_classes) and all(c >= 1 for c in info.static_classes)
