@@ -20,7 +20,7 @@ __all__ = ['SHAPES_FACTORS', 'SHAPES_MOTIONS', 'SPRITES_REPO', 'SPRITES_COMMIT',
            'make_shapes', 'show_sequences', 'sprites_dynamic_names', 'sprites_factors', 'sprites_split_chars',
            'sprites_checksums', 'sprites_needed_files', 'download_sprites_assets', 'cache_dir', 'sprites_assets',
            'load_sprite_layers', 'render_sprites', 'sprites_labels', 'build_sprites_cache', 'load_sprites',
-           'load_dataset']
+           'downsample_frames', 'load_dataset']
 
 # %% ../nbs/01_data.ipynb #d7855249
 @dataclass
@@ -578,13 +578,15 @@ class _Lock:
     def __exit__(self, *exc): self.f.close()
 
 def load_sprites(assets=None, cache=None, val_chars: int = 100, scale: float = 255., verify: bool = True,
-                 mmap: bool = True) -> DataBundle:
+                 mmap: bool = True, size: int = 64) -> DataBundle:
     """The Sprites benchmark as a DataBundle: train + val = the 9000 sequences of the 1000 training characters
     (val: the last `val_chars` of them), test = the 2664 of the other 296. Generated on first use from the LPC
     layers (`assets` / `$SEQDIS_SPRITES_ASSETS` / a checked download) into the cache (`cache` / `$SEQDIS_CACHE`
-    / ~/.cache/seqdis_nb). `scale=256` gives the reference x/256 floats. `mmap`: memory-map the frames."""
+    / ~/.cache/seqdis_nb). `scale=256` gives the reference x/256 floats. `mmap`: memory-map the frames.
+    `size` < 64 (32, 16, 8) area-downsamples every frame once, in memory (`downsample_frames`), for the CPU presets."""
     if not isinstance(val_chars, (int, np.integer)) or not 0 <= val_chars < SPRITES_N_TRAIN:
         raise ValueError(f"val_chars must be an integer in [0, {SPRITES_N_TRAIN - 1}], got {val_chars!r}")
+    if size not in (64, 32, 16, 8): raise ValueError(f"size must be 64, 32, 16 or 8 (a divisor of the 64x64 cells), got {size!r}")
     folder = cache_dir(cache) / 'sprites-v1'
     src = assets or os.environ.get('SEQDIS_SPRITES_ASSETS')
     with _Lock(folder.parent / 'sprites-v1.lock'):
@@ -603,10 +605,29 @@ def load_sprites(assets=None, cache=None, val_chars: int = 100, scale: float = 2
         with np.load(folder / 'labels.npz') as z: static, dynamic, char = z['static'], z['dynamic'], z['char']
     if x.shape != (SPRITES_N_CHARS * 9, 8, _CELL, _CELL, 3):
         raise RuntimeError(f"Sprites cache {folder} holds frames of shape {x.shape}; delete the folder to rebuild")
-    info = DatasetInfo('sprites', 'video', list(SPRITES_STATIC), [6, 6, 6, 6], ['action'], [9], 8, (3, _CELL, _CELL))
+    if size != _CELL: x = downsample_frames(x, size)                       # (N, 8, size, size, 3), in memory
+    info = DatasetInfo('sprites', 'video', list(SPRITES_STATIC), [6, 6, 6, 6], ['action'], [9], 8, (3, size, size))
     n_tr = (SPRITES_N_TRAIN - val_chars) * 9
     cuts = [(0, n_tr), (n_tr, SPRITES_N_TRAIN * 9), (SPRITES_N_TRAIN * 9, len(x))]
     return DataBundle(*(SeqSplit(x[a:b], static[a:b], dynamic[a:b], char[a:b], info, scale) for a, b in cuts), info)
+
+# %% ../nbs/01_data.ipynb #dc261fd6
+def downsample_frames(x: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+    "Area-downsample uint8 video (N, T, H, W, C) with square frames to (N, T, size, size, C); size must divide H."
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 5:
+        raise ValueError(f"x must be a uint8 numpy array (N, T, H, W, C), got {getattr(x, 'dtype', type(x))} "
+                         f"{getattr(x, 'shape', '')}")
+    N, T, H, W, C = x.shape
+    if H != W: raise ValueError(f"frames must be square, got {H}x{W}")
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 1 <= size <= H or H % size:
+        raise ValueError(f"size must be a positive divisor of the frame size {H}, got {size!r}")
+    if size == H: return x
+    k = H // size
+    out = np.empty((N, T, size, size, C), np.uint8)
+    for a in range(0, N, chunk):
+        b = x[a:a + chunk].reshape(-1, T, size, k, size, k, C).astype(np.float32)   # (n, T, size, k, size, k, C)
+        out[a:a + chunk] = np.rint(b.mean((3, 5)))                                # (n, T, size, size, C)
+    return out
 
 # %% ../nbs/01_data.ipynb #09652501
 DATASETS = {'shapes': 'seqdis_nb.data:make_shapes', 'sprites': 'seqdis_nb.data:load_sprites',

@@ -295,11 +295,15 @@ def save_judge(path, judge: Judge) -> str:
     return digest
 
 def load_judge(path, device=None) -> Judge:
-    "Load a judge written by `save_judge` (checksum verified), in eval mode on `device`."
+    """Load a judge written by `save_judge` (checksum verified), or the authors' `sprite_judge.tar` (a bare
+    `{'state_dict': ...}`, imported by `seqdis_nb.interop.from_official`), in eval mode on `device`."""
     path = Path(path)
     if not path.is_file(): raise JudgeError(f"judge file {path} does not exist")
     try: d = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise JudgeError(f"judge file {path} is not readable (corrupt or truncated?): {e}") from e
+    if isinstance(d, dict) and 'format' not in d and isinstance(d.get('state_dict'), dict):
+        from seqdis_nb.interop import from_official          # the official C-DSVAE judge file
+        return from_official(path, 'judge', device=device)
     if not isinstance(d, dict) or d.get('format') != JUDGE_FORMAT:
         raise JudgeError(f"{path} is not a {JUDGE_FORMAT!r} file")
     missing = [k for k in ('config', 'factors', 'classes', 'n_dynamic', 'meta', 'state_dict', 'sha256') if k not in d]

@@ -218,9 +218,9 @@ def test_bad_inputs(shapes16, tmp_path):
     with pytest.raises(ValueError, match='epochs must be a positive int'): make_trainer(shapes16, tmp_path).fit(0)
     with pytest.raises(TypeError, match='data must be a DataBundle'):
         Trainer(build_model('dbse', 'shapes-quick'), shapes16.train, tmp_path)
-    info = DatasetInfo('sprites', 'video', [], [], [], [], 8, (3, 64, 64))
+    info = DatasetInfo('sprites', 'video', [], [], [], [], 8, (3, 48, 48))
     with pytest.raises(ValueError, match=r"preset 'shapes-quick' expects frames of shape \(3, 32, 32\), dataset "
-                                         r"'sprites' has \(3, 64, 64\)"):
+                                         r"'sprites' has \(3, 48, 48\)"):
         _check_fits(build_model('dbse', 'shapes-quick'), info)
 
 
@@ -262,3 +262,33 @@ def test_cli_train_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--epochs', '1', '--out', 'x', '--model', 'vae'])
     assert "invalid choice: 'vae'" in capsys.readouterr().err
+
+
+def test_resize_video(shapes16):
+    from seqdis_nb.train import resize_video
+    d = resize_video(shapes16, 4)
+    assert d.info.frame_shape == (3, 4, 4) and d.train.x.shape == (len(shapes16.train), 8, 4, 4, 3)
+    assert d.train.x.dtype == np.uint8 and np.array_equal(d.test.static, shapes16.test.static)
+    want = shapes16.val.x[3, 5, 4:8, 8:12].astype(np.float32).mean((0, 1))
+    assert np.array_equal(d.val.x[3, 5, 1, 2], np.rint(want).astype(np.uint8))
+    assert np.array_equal(resize_video(shapes16, 16).train.x, shapes16.train.x)
+    with pytest.raises(ValueError, match='the size must divide 16'): resize_video(shapes16, 5)
+    with pytest.raises(ValueError, match='the size must divide 16'): resize_video(shapes16, 32)
+
+
+def test_bench_trainer_steps_runs(capsys):
+    "bench/trainer_steps.py end to end at a tiny size (its numbers are measured by hand, see the README)."
+    import runpy, sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'bench' / 'trainer_steps.py'
+    argv = sys.argv
+    sys.argv = [str(path), '--presets', 'shapes-quick', '--batch-size', '4', '--steps', '1', '--warmup', '1',
+                '--threads', '1', '--device', 'cpu']
+    try:
+        with pytest.raises(SystemExit) as e: runpy.run_path(str(path), run_name='__main__')
+    finally: sys.argv = argv
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith('shapes-quick'))
+    s_per_step, seq_per_s = map(float, row.split()[3:5])
+    assert s_per_step > 0 and abs(seq_per_s - 4 / s_per_step) < 0.1 * seq_per_s + 0.1, row
