@@ -74,7 +74,9 @@ class Server:
 
     def _read(self):
         line = self.p.stdout.readline()
-        if not line: raise RuntimeError(f'the fork server died; children log:\n{self.log.read_text()[-3000:]}')
+        if not line:
+            log = self.log.read_text()[-3000:] if self.log.exists() else '(no child ran: see stderr)'
+            raise RuntimeError(f'the fork server died; children log:\n{log}')
         return json.loads(line)
 
     def start(self, argv, hang=None, steps=None) -> int:
