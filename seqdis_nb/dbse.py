@@ -289,7 +289,8 @@ class DBSE(nn.Module):
         if x.dim() != 2 + len(frame):
             want = '(B, T, C, H, W)' if cfg.encoder == 'conv' else '(B, T, F)'
             raise ValueError(f"{name} must have {2 + len(frame)} dimensions {want}, got shape {tuple(x.shape)}")
-        check_tensor(x, name, min_len=2)   # non-empty, T >= 2, no NaN/Inf
+        check_tensor(x, name, min_len=2, max_abs=1e6)   # non-empty, T >= 2, no NaN/Inf, |x| <= 1e6 (the squared
+                                                          # errors of far larger values overflow float32)
         if cfg.encoder == 'conv':
             if x.shape[2] != cfg.channels:
                 raise ValueError(f"{name} must have {cfg.channels} channels (dim 2 of (B, T, C, H, W)), "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import get_device
+from .core import check_tensor, get_device
 from .data import DatasetInfo, SeqSplit, DataBundle, load_dataset
 
 # %% auto #0
@@ -137,6 +137,9 @@ class Judge(nn.Module):
         if x.dim() != 5 or tuple(x.shape[2:]) != (c, n, n) or x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"x must be video (B, T, {c}, {n}, {n}) for this judge (image_size {n}), got {tuple(x.shape)}")
         if not x.is_floating_point(): raise TypeError(f"x must be a float tensor in [0, 1], got {x.dtype}")
+        check_tensor(x, 'x', max_abs=1e6)                                      # finite: no silent NaN logits
+        if x.device != next(self.parameters()).device:
+            raise ValueError(f"x is on {x.device} but the judge is on {next(self.parameters()).device}")
         return x
 
     def forward(self, x: torch.Tensor) -> tuple:
@@ -303,6 +306,8 @@ def load_judge(path, device=None) -> Judge:
         return from_official(path, 'judge', device=device)
     if not isinstance(d, dict) or d.get('format') != JUDGE_FORMAT:
         raise JudgeError(f"{path} is not a {JUDGE_FORMAT!r} file")
+    missing = [k for k in ('config', 'factors', 'classes', 'n_dynamic', 'meta', 'state_dict', 'sha256') if k not in d]
+    if missing: raise JudgeError(f"judge file {path} lacks the entries {missing}")
     header = {k: d[k] for k in ('format', 'config', 'factors', 'classes', 'n_dynamic', 'meta')}
     if _judge_digest(header, d['state_dict']) != d.get('sha256'):
         raise JudgeError(f"judge file {path} fails its SHA-256 checksum: it was modified or corrupted")
