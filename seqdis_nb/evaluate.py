@@ -18,9 +18,9 @@ from .judge import Judge, check_judge, load_judge, resize_video
 # %% auto #0
 __all__ = ['MODES', 'entropy_y_given_x', 'entropy_y', 'inception_score', 'balanced_subset', 'generation_scores',
            'model_frame_size', 'judge_generations', 'two_factor_score', 'paper_protocol', 'eer', 'posterior_means',
-           'speaker_eer', 'probe_static', 'probe_predict', 'fig_swap', 'fig_samples', 'fig_fixed',
-           'fig_reconstructions', 'fig_tsne', 'make_figures', 'evaluate', 'report_markdown', 'write_report',
-           'register_cli']
+           'speaker_eer', 'late_mean_last_feature', 'probe_static', 'probe_predict', 'fig_swap', 'fig_samples',
+           'fig_fixed', 'fig_reconstructions', 'fig_tsne', 'make_figures', 'evaluate', 'report_markdown',
+           'write_report', 'register_cli']
 
 # %% ../nbs/06_evaluate.ipynb #c3d759e5
 def _check_probs(p, name: str = 'probs') -> torch.Tensor:
@@ -233,9 +233,12 @@ def speaker_eer(model, split: SeqSplit, factor: int = 0, seed: int = 0, batch_si
     return out
 
 # %% ../nbs/06_evaluate.ipynb #96644a47
-def _mean_last_feature(split: SeqSplit) -> np.ndarray:
-    m = split.mask().numpy()
-    return (split.x[..., -1] * m).sum(1) / m.sum(1)
+def late_mean_last_feature(split: SeqSplit) -> np.ndarray:
+    "Default prediction target: the mean of the last feature over the last quarter of each sequence's real steps."
+    m = split.mask().numpy()                                                    # (N, T) real steps
+    L = m.sum(1)                                                                # (N,)
+    late = m & (np.arange(m.shape[1])[None] >= (L - np.maximum(L // 4, 1))[:, None])
+    return (split.x[..., -1] * late).sum(1) / late.sum(1)
 
 def probe_static(model, train: SeqSplit, test: SeqSplit, factor: int = 0, seeds=(0, 1, 2), hidden: int = 64) -> dict:
     "Accuracy of an MLP probe predicting static factor `factor` from s, and from mean d; mean/std over seeds."
@@ -251,13 +254,16 @@ def probe_static(model, train: SeqSplit, test: SeqSplit, factor: int = 0, seeds=
         out[f'from_{k}'] = _mean_std(accs)
     return out
 
-def probe_predict(model, train: SeqSplit, test: SeqSplit, target=_mean_last_feature, seeds=(0, 1, 2), hidden: int = 64) -> dict:
+def probe_predict(model, train: SeqSplit, test: SeqSplit, target=late_mean_last_feature, seeds=(0, 1, 2), hidden: int = 64) -> dict:
     "R^2 of an MLP regressor from (s, d_{1:T} flattened) to `target(split)` (N,); mean/std over seeds."
     from sklearn.neural_network import MLPRegressor
     dev = next(model.parameters()).device
     ztr, zte = posterior_means(model, train, make_generator(0, dev)), posterior_means(model, test, make_generator(1, dev))
     feats = lambda z: torch.cat([z['s'], z['d'].flatten(1)], 1).numpy()         # (N, f + T*z)
     ytr, yte = np.asarray(target(train), np.float64), np.asarray(target(test), np.float64)
+    for name, y in (('train', ytr), ('test', yte)):   # R^2 of a constant target is meaningless (0/0)
+        if y.std() <= 1e-8 * max(1., float(np.abs(y).max())):
+            raise ValueError(f"the prediction target is constant on the {name} split ({y[:1]}): pass another `target`")
     r2 = [MLPRegressor(hidden_layer_sizes=(hidden,), max_iter=300, random_state=sd).fit(feats(ztr), ytr).score(feats(zte), yte) for sd in seeds]
     return {'target': getattr(target, '__name__', 'target'), 'seeds': list(seeds), 'r2': _mean_std(r2)}
 
