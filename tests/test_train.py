@@ -253,7 +253,7 @@ def test_cli_train_errors(tmp_path, capsys):
     assert "seqdis train: error: unknown DBSE preset 'nope'" in capsys.readouterr().err
     assert main(['train', '--dataset', 'japanese_vowels', '--preset', 'series', '--size', '16', '--epochs', '1',
                  '--out', str(tmp_path)]) == 2
-    assert '--size applies to --dataset shapes only' in capsys.readouterr().err
+    assert '--size applies to --dataset shapes or sprites only' in capsys.readouterr().err
     (tmp_path / 'last.pt').write_bytes(b'x')
     assert main(list(map(str, _train_args(tmp_path, '--epochs', '1', '--quiet')))) == 2   # no --resume: keep the run
     assert 'already holds a run (last.pt)' in capsys.readouterr().err
