@@ -3,9 +3,12 @@
 Times (1) one training epoch of the DBSE `sprites-cpu` preset over the 9000 Sprites training sequences
 (train + val characters) at 32x32, and (2) the full judge protocol (`paper_protocol`: 5 repeats, both
 generation directions, both swaps, IS/H(y|x)/H(y)) on the 2664-sequence test split with the same model.
-Prints both times and their ratio. The model is freshly initialised (the timing does not depend on the weights).
+The protocol is timed twice: the papers' two directions only (`swaps=False`) and with both swaps added
+(the MSD swap variant). Prints the times and their ratios. The model is freshly initialised (the timing does not
+depend on the weights). `--train-steps N` / `--repeats-timed k` time a part and scale it linearly (said so).
 
-    python bench/eval_speed.py [--threads 2] [--judge /work/artifacts/judges/sprites32.pt] [--train-steps N]
+    python bench/eval_speed.py [--threads 1] [--judge /work/artifacts/judges/sprites32.pt] [--train-steps N]
+                               [--repeats-timed k]
 """
 import argparse, time
 
@@ -14,8 +17,27 @@ import torch
 
 from seqdis_nb.data import load_sprites
 from seqdis_nb.dbse import DBSE, DBSEConfig
-from seqdis_nb.evaluate import paper_protocol
+from seqdis_nb.evaluate import _generate, paper_protocol
 from seqdis_nb.judge import Judge, load_judge, split_at_size
+
+
+def count_flops(model, judge, x) -> dict:
+    "FLOPs per sequence (torch.utils.flop_counter) of a training step and of the protocol's parts."
+    from torch.utils.flop_counter import FlopCounterMode
+    def cnt(f):
+        with FlopCounterMode(display=False) as fc: f()
+        return fc.get_total_flops() / len(x)
+    def step():
+        loss, _ = model.training_loss(x); loss.backward()
+    out = {'train_step': cnt(step)}
+    model.zero_grad(set_to_none=True); model.eval()
+    with torch.inference_mode():
+        g = torch.Generator().manual_seed(0)
+        out['generate_2'] = cnt(lambda: _generate(model, x, g, swaps=False))
+        out['generate_4'] = cnt(lambda: _generate(model, x, g, swaps=True))
+        out['judge'] = cnt(lambda: judge(x))
+    model.train()
+    return out
 
 
 def main():
@@ -24,12 +46,15 @@ def main():
     ap.add_argument('--judge', default='/work/artifacts/judges/sprites32.pt')
     ap.add_argument('--repeats', type=int, default=5)
     ap.add_argument('--train-steps', type=int, default=None, help='time only N steps and scale to the epoch')
+    ap.add_argument('--repeats-timed', type=int, default=None, help='time only k repeats and scale to --repeats')
     ap.add_argument('--seed', type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    bundle = load_sprites()
     cfg = DBSEConfig.preset('sprites-cpu')
+    t0 = time.time()
+    bundle = load_sprites(size=cfg.image_size)       # frames area-downsampled once, in memory: no I/O is timed below
+    prep = time.time() - t0
     model = DBSE(cfg)
     try: judge = load_judge(a.judge)
     except ValueError as e:
@@ -37,9 +62,8 @@ def main():
         judge = Judge.for_dataset(bundle.info, 'small')
     judge.eval()
 
-    t0 = time.time()
     xs = torch.cat([split_at_size(s, cfg.image_size)[0] for s in (bundle.train, bundle.val)])   # (9000, T, C, 32, 32) uint8
-    prep = time.time() - t0
+    flops = count_flops(model, judge, xs[:4].float() / 255)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(a.seed))
     starts = list(range(0, len(xs), cfg.batch_size))
@@ -53,17 +77,27 @@ def main():
     train_t = (time.time() - t0) * len(starts) / len(steps)
     model.eval()
 
-    t0 = time.time()
-    res = paper_protocol(model, judge, bundle.test, repeats=a.repeats, seed=a.seed, batch_size=256)
-    eval_t = time.time() - t0
+    k = a.repeats if a.repeats_timed is None else a.repeats_timed
+    times = {}
+    for swaps in (False, True):
+        t0 = time.time()
+        res = paper_protocol(model, judge, bundle.test, repeats=k, seed=a.seed, batch_size=256, swaps=swaps)
+        times[swaps] = (time.time() - t0) * a.repeats / k
 
-    print(f"torch {torch.__version__}, {a.threads} threads; data prep (9000 seqs to 32x32, not timed below) {prep:.1f} s")
-    print(f"training epoch  sprites-cpu, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
-          f"{'' if a.train_steps is None else f' (scaled from {len(steps)})'}: {train_t:7.1f} s")
-    print(f"judge protocol  {res['n']} test seqs x {res['repeats']} repeats (both directions, both swaps, IS/H): "
-          f"{eval_t:7.1f} s")
-    print(f"ratio protocol / epoch = {eval_t / train_t:.3f}  ({'faster' if eval_t < train_t else 'SLOWER'} than one epoch)")
-
+    scaled = lambda cond, what: '' if not cond else f' (scaled from {what})'
+    print(f"torch {torch.__version__}, {a.threads} threads; data prep (Sprites at 32x32, not timed below) {prep:.1f} s")
+    ep_f = flops['train_step'] * len(xs)
+    for m, name in ((2, 'both directions'), (4, 'directions + swaps')):
+        pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{m}'] + m * flops['judge'])
+        print(f"FLOPs: epoch {ep_f / 1e12:.2f} T; protocol ({name}) {pr_f / 1e12:.2f} T "
+              f"(judge {a.repeats * len(bundle.test) * m * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
+    print(f"training epoch   sprites-cpu, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
+          f"{scaled(a.train_steps is not None, f'{len(steps)} steps')}: {train_t:7.1f} s")
+    for swaps, name in ((False, 'both directions, IS/H'), (True, 'both directions + both swaps, IS/H, MSD')):
+        t = times[swaps]
+        print(f"judge protocol   {res['n']} test seqs x {a.repeats} repeats ({name})"
+              f"{scaled(k != a.repeats, f'{k} repeat(s)')}: {t:7.1f} s   ratio to the epoch {t / train_t:.3f}"
+              f" ({'faster' if t < train_t else 'SLOWER'})")
 
 if __name__ == '__main__':
     main()

@@ -1,8 +1,9 @@
 """Seconds per training step, SPYL vs DBSE, at the same batch size and the same preset name.
 
-One step = `training_loss` forward, backward and an Adam update on a random batch. SPYL is timed twice: during the
-warm-up (epoch 0: reconstruction, KLs and MI only) and after it (epoch = nce_start_epoch: also the views bank of
-4B generated sequences and the two sample-and-predict views). All models are timed in one run, interleaved, so
+One step = `training_loss` forward, backward and an Adam update on a random batch. DBSE is timed on its default
+fast path (03a_speed) and on the plain path (`fast=False`, the same code path SPYL's shared methods take). SPYL is
+timed twice: during the warm-up (epoch 0: reconstruction, KLs and MI only) and after it (epoch = nce_start_epoch:
+also the views bank of 4B generated sequences and the two sample-and-predict views). All models are timed in one run, interleaved, so
 they see the same machine load; the load average (`uptime`) is printed before and after.
 
     python bench/spyl_step.py                       # sprites and sprites-cpu presets, batch 32, 1 thread
@@ -58,23 +59,25 @@ def main(argv=None) -> int:
     for preset in args.presets:
         torch.manual_seed(0)
         dbse, spyl = DBSE(preset).to(dev), SPYL(preset).to(dev)
+        plain = DBSE(DBSE.config_class.preset(preset, fast=False)).to(dev)
         x = torch.rand(args.batch, dbse.config.seq_len, *dbse.config.frame_shape, device=dev)
-        steps = {'dbse': make_step(dbse, x, 0), 'spyl warm-up': make_step(spyl, x, 0),
+        steps = {'dbse': make_step(dbse, x, 0), 'dbse plain': make_step(plain, x, 0),
+                 'spyl warm-up': make_step(spyl, x, 0),
                  'spyl +views': make_step(spyl, x, spyl.config.nce_start_epoch)}
         for fn in steps.values(): fn()                            # warm-up
         times = {k: [] for k in steps}
-        for _ in range(args.reps):                                # interleaved: the same load for all three
+        for _ in range(args.reps):                                # interleaved: the same load for all four
             for k, fn in steps.items():
                 t = time.perf_counter(); fn(); times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((preset, med))
     print('after: ', load())
-    print(f"\n{'preset':<14}{'DBSE s/step':>13}{'SPYL warm-up':>14}{'SPYL +views':>13}{'warm-up/DBSE':>14}"
-          f"{'+views/DBSE':>13}")
+    print(f"\n{'s/step':<14}{'DBSE':>8}{'DBSE plain':>12}{'SPYL warm-up':>14}{'SPYL +views':>13}"
+          f"{'warm-up/DBSE':>14}{'+views/DBSE':>13}{'+views/plain':>14}")
     for preset, med in rows:
-        d = med['dbse']
-        print(f"{preset:<14}{d:>13.3f}{med['spyl warm-up']:>14.3f}{med['spyl +views']:>13.3f}"
-              f"{med['spyl warm-up'] / d:>14.2f}{med['spyl +views'] / d:>13.2f}")
+        d, p = med['dbse'], med['dbse plain']
+        print(f"{preset:<14}{d:>8.3f}{p:>12.3f}{med['spyl warm-up']:>14.3f}{med['spyl +views']:>13.3f}"
+              f"{med['spyl warm-up'] / d:>14.2f}{med['spyl +views'] / d:>13.2f}{med['spyl +views'] / p:>14.2f}")
     return 0
 
 

@@ -8,14 +8,15 @@ fraction of the matmul rate, the speed-up over the plain step (median of the per
 
     python bench/train_step.py                      # sprites and sprites-cpu, batch 32, plain vs fast
     python bench/train_step.py --ablation           # plus the cumulative steps from plain to fast (what bought what)
+    python bench/train_step.py --profile            # torch.profiler table of one step per variant (sprites)
     python bench/train_step.py --smoke              # tiny preset, batch 4, 2 rounds, 1 thread: the script end to end
 
 Variants (the same weights, the same input, the same posterior noise per round):
   plain          DBSEConfig(fast=False): the readable spec of 03_dbse
   channels-last  the plain modules with channels-last weights and frames
-  +matmul-ends   fast encoder/decoder (channels-last, 4x4 ends as matmuls); prior loop and two decoder calls kept
-  +lstm-prior    ... and the teacher-forced prior as one torch.lstm call
-  fast           ... and both decodes in one pass (BatchNorm per call): DBSEConfig(fast=True), the default
+  +4x4-gemms     the fast encoder/decoder: channels-last, the 4x4 ends as matmuls, the blocks at the 4x4 map as
+                 GEMMs, the second decode skipped where provably equal (eval mode); the prior still a loop
+  fast           ... and the teacher-forced prior as one torch.lstm call: DBSEConfig(fast=True), the default
 """
 import argparse, json, os, statistics, subprocess, sys, time
 from dataclasses import replace
@@ -43,27 +44,21 @@ class ChannelsLast(DBSE):
         return self.encoder(x.reshape(B * T, *x.shape[2:]).contiguous(memory_format=CL)).view(B, T, -1)
     def _decode(self, s, d):
         B, T = d.shape[:2]
-        return self.decoder(self._codes(s, d).reshape(B * T, -1)).reshape(B, T, *self.config.frame_shape)
+        c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f)
+        return self.decoder(c.reshape(B * T, -1)).reshape(B, T, *self.config.frame_shape)
 
 
-class MatmulEnds(DBSE):
-    "The fast path (config.fast=True) without the fused prior and without the one-pass decode."
+class LoopPrior(DBSE):
+    "The fast path (config.fast=True) with the plain path's teacher-forced prior loop."
     def prior(self, d):
         fast_cfg = self.config
         self.config = replace(fast_cfg, fast=False)      # DBSE.prior reads only config.fast: run its loop
         try: return super().prior(d)
         finally: self.config = fast_cfg
-    def _decode_with_first(self, s, d):
-        return self._decode(s, d), self._decode(s, d[:, :1])[:, 0]
 
 
-class LSTMPrior(MatmulEnds):
-    "The fast path without the one-pass decode."
-    prior = DBSE.prior
-
-
-VARIANTS = {'plain': (DBSE, False), 'channels-last': (ChannelsLast, False), '+matmul-ends': (MatmulEnds, True),
-            '+lstm-prior': (LSTMPrior, True), 'fast': (DBSE, True)}
+VARIANTS = {'plain': (DBSE, False), 'channels-last': (ChannelsLast, False), '+4x4-gemms': (LoopPrior, True),
+            'fast': (DBSE, True)}
 
 
 def build(variant: str, preset: str, seed: int = 0) -> DBSE:
@@ -129,13 +124,23 @@ def child(variant: str, preset: str, B: int, threads: int) -> int:
     return 0
 
 
+def profile_step(variant: str, preset: str, B: int, rows: int = 15) -> None:
+    "Print where one training step goes: torch.profiler's operators by self CPU time, after a warm-up step."
+    from torch.profiler import profile
+    step = make_step(build(variant, preset), batch(preset, B))
+    step(0)
+    with profile() as prof: step(1)
+    print(f'\n{preset} / {variant}: one step, operators by self CPU time (load {load()})')
+    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows))
+
+
 def bench_preset(preset: str, variants: list[str], B: int, rounds: int, threads: int, matmul_n: int,
                  rss: bool) -> list[dict]:
     x = batch(preset, B)
     flops = {v: step_flops(v, preset, x) for v in ('plain', 'fast')}
     if flops['plain'] != flops['fast']:
-        print(f'  note: FlopCounterMode counts plain {flops["plain"] / 1e9:.3f} G, fast {flops["fast"] / 1e9:.3f} G (it does '
-              f'not count the fused torch.lstm); rates below use the plain count, the same maths')
+        print(f'  note: FlopCounterMode counts plain {flops["plain"] / 1e9:.3f} G, fast {flops["fast"] / 1e9:.3f} G (the difference is '
+              f'work it does not see: the fused torch.lstm, GEMMs written with out=); rates use the plain count')
     steps = {v: make_step(build(v, preset), x) for v in variants}
     mm, mm_flops = matmul_timer(matmul_n)
     losses = {v: steps[v](0) for v in variants}                    # warm-up (oneDNN primitive caches, allocator)
@@ -148,6 +153,8 @@ def bench_preset(preset: str, variants: list[str], B: int, rounds: int, threads:
         mm_times.append(mm())
         for v in variants:
             t = time.perf_counter(); steps[v](r + 1); times[v].append(time.perf_counter() - t)
+        print(f'  round {r + 1}: matmul {mm_times[-1] * 1e3:.0f} ms, ' +
+              ', '.join(f'{v} {times[v][-1]:.2f} s' for v in variants) + f'; load {load()}', flush=True)
     print(f'  load after:  {load()}')
     mm_rate = mm_flops / statistics.median(mm_times)
     rows = []
@@ -172,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument('--ablation', action='store_true', help='also time the cumulative steps from plain to fast')
     p.add_argument('--no-compare', action='store_true', help='time the fast step only (no plain variant)')
     p.add_argument('--no-rss', action='store_true', help='skip the peak-RSS subprocesses')
+    p.add_argument('--profile', action='store_true', help='print a torch.profiler table of one step per variant')
     p.add_argument('--smoke', action='store_true', help='tiny preset, batch 4, 2 rounds, 1 thread: the script end to end')
     p.add_argument('--json', type=Path, default=None, help='also write the rows to this file')
     p.add_argument('--child', choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
@@ -187,6 +195,10 @@ def main(argv=None) -> int:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, '
           f'batch {args.batch}, {args.rounds} rounds; load average (1, 5, 15 min): {load()}'
           + ('  [SMOKE RUN: tiny preset, the numbers mean nothing]' if args.smoke else ''))
+    if args.profile:
+        for preset in (args.preset or ['sprites']) if not args.smoke else presets:
+            for v in variants: profile_step(v, preset, args.batch)
+        return 0
     rows = []
     for preset in presets: rows += bench_preset(preset, variants, args.batch, args.rounds, args.threads, matmul_n,
                                                 not args.no_rss)

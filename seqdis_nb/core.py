@@ -57,9 +57,11 @@ def kl_dynamic(q_mean: torch.Tensor, q_logvar: torch.Tensor,
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_tensor(x, name: str, ndim: int | None = None, shape: tuple | None = None, dtypes=_FLOAT_DTYPES,
-                 finite: bool = True, min_len: int | None = None, len_dim: int = 1, nonempty: bool = True):
+                 finite: bool = True, min_len: int | None = None, len_dim: int = 1, nonempty: bool = True,
+                 max_abs: float | None = None):
     """Validate tensor `x` (called `name` in messages): rank `ndim`; `shape` (None entries are free); dtype in
-    `dtypes` (None: any); all finite; size of dim `len_dim` at least `min_len`. Returns `x` unchanged."""
+    `dtypes` (None: any); all finite and, with `max_abs`, no larger than it in magnitude; size of dim `len_dim`
+    at least `min_len`. Returns `x` unchanged."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
@@ -76,9 +78,12 @@ def check_tensor(x, name: str, ndim: int | None = None, shape: tuple | None = No
     if min_len is not None and (x.dim() <= len_dim or x.shape[len_dim] < min_len):
         raise ValueError(f"{name} must have at least {min_len} steps along dim {len_dim} (the sequence axis), "
                          f"got shape {tuple(x.shape)}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        n = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {n} NaN/Inf value(s)")
+    if finite and x.is_floating_point() and x.device.type != 'meta':   # (a meta tensor has no values to check)
+        big = x.detach().abs().amax()      # one pass: NaN propagates and Inf is above any limit
+        if not bool(big <= (torch.finfo(x.dtype).max if max_abs is None else max_abs)):
+            n = int((~torch.isfinite(x)).sum())
+            if n: raise ValueError(f"{name} contains {n} NaN/Inf value(s)")
+            raise ValueError(f"{name} has values as large as {float(big):.3g}, beyond {max_abs:g} in magnitude")
     return x
 
 def check_same_device(**tensors):

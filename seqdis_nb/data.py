@@ -38,6 +38,18 @@ class DatasetInfo:
     def __post_init__(self):
         if self.kind not in ('video', 'sequence'):
             raise ValueError(f"kind must be 'video' or 'sequence', got {self.kind!r}")
+        if not isinstance(self.name, str) or not self.name: raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        for k, ok, what in (('static_factors', lambda v: isinstance(v, str), 'names (str)'),
+                            ('dynamic_factors', lambda v: isinstance(v, str), 'names (str)'),
+                            ('static_classes', lambda v: isint(v) and v >= 1, 'class counts (int >= 1)'),
+                            ('dynamic_classes', lambda v: isint(v) and v >= 1, 'class counts (int >= 1)'),
+                            ('frame_shape', lambda v: isint(v) and v >= 1, 'sizes (int >= 1)')):
+            v = getattr(self, k)
+            if not isinstance(v, (list, tuple)) or not all(map(ok, v)):
+                raise TypeError(f"{k} must be a list of {what}, got {v!r}")
+        if self.seq_len is not None and not (isint(self.seq_len) and self.seq_len >= 1):
+            raise TypeError(f"seq_len must be None (variable length) or an int >= 1, got {self.seq_len!r}")
         if len(self.static_factors) != len(self.static_classes):
             raise ValueError(f"static_factors ({len(self.static_factors)}) and static_classes "
                              f"({len(self.static_classes)}) must have the same length")
@@ -62,6 +74,14 @@ def _as_index(idx, n: int) -> np.ndarray:
         raise IndexError(f"idx out of range for a split of {n} sequences: min {idx.min()}, max {idx.max()}")
     return idx
 
+def _int_labels(a, name: str) -> np.ndarray:
+    "`a` as an int64 array; TypeError naming `name` unless it holds integers (integral floats are accepted)."
+    arr = np.asarray(a) if not isinstance(a, torch.Tensor) else a.detach().cpu().numpy()
+    integral = np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and (arr == np.round(arr)).all()
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or integral):
+        raise TypeError(f"{name} must hold integer labels, got {type(a).__name__} of dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
 class SeqSplit(Dataset):
     "One split of a labelled sequence dataset: returns `(x, static, dynamic)` with x in (T, C, H, W) or (T, F)."
     def __init__(self, x, static, dynamic, char, info: DatasetInfo, scale: float = 255., lengths=None):
@@ -79,7 +99,7 @@ class SeqSplit(Dataset):
         if info.seq_len is not None and x.shape[1] != info.seq_len:
             raise ValueError(f"x must have {info.seq_len} steps (info.seq_len), got {x.shape[1]}")
         N, K = len(x), len(info.static_factors)
-        static, dynamic, char = (np.asarray(a, dtype=np.int64) for a in (static, dynamic, char))
+        static, dynamic, char = (_int_labels(a, k) for a, k in ((static, 'static'), (dynamic, 'dynamic'), (char, 'char')))
         if static.shape != (N, K): raise ValueError(f"static must have shape ({N}, {K}), got {static.shape}")
         if dynamic.shape != (N,): raise ValueError(f"dynamic must have shape ({N},), got {dynamic.shape}")
         if char.shape != (N,): raise ValueError(f"char must have shape ({N},), got {char.shape}")
@@ -93,7 +113,7 @@ class SeqSplit(Dataset):
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}")
         if lengths is not None:
-            lengths = np.asarray(lengths, dtype=np.int64)
+            lengths = _int_labels(lengths, 'lengths')
             if lengths.shape != (N,) or (N and (lengths.min() < 1 or lengths.max() > x.shape[1])):
                 raise ValueError(f"lengths must have shape ({N},) with values in [1, {x.shape[1]}]")
         self.x, self.static, self.dynamic, self.char = x, static, dynamic, char

@@ -289,7 +289,8 @@ class DBSE(nn.Module):
         if x.dim() != 2 + len(frame):
             want = '(B, T, C, H, W)' if cfg.encoder == 'conv' else '(B, T, F)'
             raise ValueError(f"{name} must have {2 + len(frame)} dimensions {want}, got shape {tuple(x.shape)}")
-        check_tensor(x, name, min_len=2)   # non-empty, T >= 2, no NaN/Inf
+        check_tensor(x, name, min_len=2, max_abs=1e6)   # non-empty, T >= 2, no NaN/Inf, |x| <= 1e6 (the squared
+                                                          # errors of far larger values overflow float32)
         if cfg.encoder == 'conv':
             if x.shape[2] != cfg.channels:
                 raise ValueError(f"{name} must have {cfg.channels} channels (dim 2 of (B, T, C, H, W)), "
@@ -399,7 +400,7 @@ class DBSE(nn.Module):
         c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f), dynamic first
         if self.config.encoder == 'conv':
             c = c.reshape(B * T, -1)                                             # (B*T, z + f)
-            y = conv_decode(self.decoder, [c])[0] if _fast(self.config) else self.decoder(c)
+            y = conv_decode(self.decoder, c) if _fast(self.config) else self.decoder(c)
             return y.view(B, T, *self.config.frame_shape)                        # (B, T, C, H, W)
         return self.decoder(c)                                                   # (B, T, F)
 
@@ -407,14 +408,10 @@ class DBSE(nn.Module):
         """Dec(d_t, s) for all t (B, T, ...) and the authors' second decode Dec(d_1, s) (B, ...). Only a train-mode
         BatchNorm (the conv decoder) makes the second differ from the first frame of the first (see 03a_speed)."""
         cfg = self.config
-        if not cfg.fast: return self._decode(s, d), self._decode(s, d[:, :1])[:, 0]
-        if not (self.training and cfg.encoder == 'conv'):
+        if cfg.fast and not (self.training and cfg.encoder == 'conv'):
             recon = self._decode(s, d)
             return recon, recon[:, 0]
-        B, T = d.shape[:2]
-        c = torch.cat([d, s.unsqueeze(1).expand(B, T, s.shape[-1])], dim=-1)    # (B, T, z + f)
-        recon, first = conv_decode(self.decoder, [c.reshape(B * T, -1), c[:, 0]])   # one pass, BatchNorm per call
-        return recon.view(B, T, *cfg.frame_shape), first                         # (B, T, C, H, W), (B, C, H, W)
+        return self._decode(s, d), self._decode(s, d[:, :1])[:, 0]
 
     def decode(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         "Decode static codes s (B, f) with dynamic codes d (B, T, z) into sequences (B, T, ...)."

@@ -255,8 +255,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path) -> Path:
-        return save_checkpoint(path, self.model, self.optimizer, self.epoch, self.step, self.dataset,
-                               metrics=self.metrics)
+        try: return save_checkpoint(path, self.model, self.optimizer, self.epoch, self.step, self.dataset,
+                                    metrics=self.metrics)
+        except OSError as e:   # full disk, lost mount...: atomic_write left the previous file as it was
+            raise OSError(e.errno, f"cannot write the checkpoint {path} ({e.strerror or e}); the checkpoints already "
+                          f"in {self.out_dir} are intact: resume with --resume once it can be written") from e
 
     def resume(self, path=None) -> bool:
         "Load `path` (default `last.pt`) into this trainer; False (and nothing loaded) if there is no checkpoint."
@@ -308,11 +311,15 @@ class Trainer:
         """Train until `epochs` epochs are complete. `resume=True` continues from `out_dir/last.pt` when it exists;
         without it an `out_dir` that already holds a run is an error. Returns the metrics."""
         if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        if resume: self.resume()
+        if resume:
+            self.resume()
+            for p in self.out_dir.glob('.*.tmp'): p.unlink(missing_ok=True)   # partial writes of a killed run
         elif self.last_path.exists():
             raise ValueError(f"{self.out_dir} already holds a run (last.pt): pass resume=True (--resume) to continue "
                              f"it, or choose another output folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try: self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write to the output folder {self.out_dir} ({e.strerror or e})") from e
         self.model.train()
         while self.epoch < epochs:
             done = self.step - self.epoch * self.steps_per_epoch                # batches of this epoch already seen
@@ -426,6 +433,9 @@ def _train(args, env, device) -> int:
     except NonFiniteLossError as e:
         print(f"seqdis train: stopped: {e}", file=sys.stderr)
         return 3
+    except OSError as e:       # a write failed (see `Trainer.save`): a message, not a traceback
+        print(f"seqdis train: stopped: {e.strerror or e}", file=sys.stderr)
+        return 4
     last, best = m['epochs'][-1], m['best']
     wall = sum(r['wall_time'] for r in m['epochs'])
     print(f"done: epoch {last['epoch']}, step {last['step']}, train loss {last['train']['loss']:.4g}"
@@ -437,6 +447,16 @@ def _train(args, env, device) -> int:
     print(f"  loss.png      loss curves")
     return 0
 
+def _positive(kind=int):
+    "An argparse `type`: a positive finite `kind` (int or float), else a usage error naming the option."
+    def parse(s: str):
+        try: v = kind(s)
+        except ValueError: v = None
+        if v is None or not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {s!r}")
+        return v
+    return parse
+
 def register_cli(sub) -> None:
     "Add `seqdis train` to the `seqdis` sub-command parsers."
     p = sub.add_parser('train', help='train a model, writing checkpoints, metrics.json and loss.png',
@@ -445,18 +465,18 @@ def register_cli(sub) -> None:
     p.add_argument('--dataset', required=True, choices=sorted(DATASETS))
     p.add_argument('--preset', required=True, help="config preset of the model, e.g. shapes-quick, sprites-cpu")
     p.add_argument('--model', default='dbse', choices=sorted(MODELS))
-    p.add_argument('--epochs', type=int, required=True, help='train until this many epochs are complete')
-    p.add_argument('--steps-per-epoch', type=int, help='steps per epoch (default: one pass over the training split)')
-    p.add_argument('--batch-size', type=int, help="default: the preset's")
-    p.add_argument('--lr', type=float, help="default: the preset's")
+    p.add_argument('--epochs', type=_positive(), required=True, help='train until this many epochs are complete')
+    p.add_argument('--steps-per-epoch', type=_positive(), help='steps per epoch (default: one pass over the training split)')
+    p.add_argument('--batch-size', type=_positive(), help="default: the preset's")
+    p.add_argument('--lr', type=_positive(float), help="default: the preset's")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     p.add_argument('--device', help='cpu, cuda, cuda:1 (default: $SEQDIS_DEVICE, else CUDA when available)')
-    p.add_argument('--checkpoint-every', type=int, metavar='N', help='also write last.pt every N steps')
-    p.add_argument('--size', type=int, help="Shapes: draw frames of this size; Sprites: area-downsample the 64x64 "
+    p.add_argument('--checkpoint-every', type=_positive(), metavar='N', help='also write last.pt every N steps')
+    p.add_argument('--size', type=_positive(), help="Shapes: draw frames of this size; Sprites: area-downsample the 64x64 "
                    "frames to it (32, 16, 8); either way the model's image_size is set to it (default: the preset's)")
-    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    p.add_argument('--threads', type=_positive(), help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--sync-bn', action='store_true', help='under torchrun on GPUs: BatchNorm statistics over the '
                    'global batch (SyncBatchNorm); default: each rank normalises with its own batch')

@@ -1,5 +1,6 @@
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -8,11 +9,19 @@ import torch
 from torch import nn
 
 from seqdis_nb.data import DatasetInfo, SeqSplit, make_shapes
-from seqdis_nb.dbse import DBSE, DBSEConfig, Swapped
+from seqdis_nb.dbse import DBSE, DBSEConfig
 from seqdis_nb.evaluate import (balanced_subset, entropy_y, entropy_y_given_x, eer, evaluate, generation_scores,
                                 inception_score, paper_protocol, report_markdown, speaker_eer, two_factor_score,
                                 write_report)
 from seqdis_nb.judge import Judge, JudgeConfig
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 # ------------------------------------------------------------------ IS / H on hand-made probability matrices
 
@@ -152,19 +161,10 @@ class CodeModel(nn.Module):
     def _rand_codes(self, n, ks, g):
         return torch.stack([(torch.randint(0, k, (n,), generator=g) + 0.5) / k for k in ks], 1)
 
-    def fix_dynamics_sample_static(self, x, generator=None):
-        p = self.encode(x)
-        return self.decode(self._rand_codes(len(x), (6, 5), generator), p.d_mean)
-
-    def fix_static_sample_dynamics(self, x, generator=None, prior_means=False):
-        p = self.encode(x)
+    def prior_rollout(self, n, T, generator=None):
         ks = (6, 5, 4) if self.ignore_s else (4,)
-        d = self._rand_codes(len(x), ks, generator)[:, None].expand(len(x), x.shape[1], len(ks))
-        return self.decode(p.s_mean, d)
-
-    def swap(self, x_a, x_b, generator=None):
-        pa, pb = self.encode(x_a), self.encode(x_b)
-        return Swapped(self.decode(pa.s_mean, pb.d_mean), self.decode(pb.s_mean, pa.d_mean))
+        d = self._rand_codes(n, ks, generator)[:, None].expand(n, T, len(ks))
+        return SimpleNamespace(d=d, mean=d, logvar=torch.zeros_like(d))
 
 
 @pytest.fixture(scope='module')
@@ -196,7 +196,6 @@ def test_protocol_refuses_a_judge_of_other_data(synthetic):
 
 
 def test_protocol_is_reproducible_and_leaves_the_training_rng_alone():
-    torch.set_num_threads(1)
     shapes = make_shapes(size=16)
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
@@ -209,6 +208,8 @@ def test_protocol_is_reproducible_and_leaves_the_training_rng_alone():
     r2 = paper_protocol(model, judge, split, repeats=3, seed=7, batch_size=16)
     assert r1['accuracy'] == r2['accuracy'] and r1['scores'] == r2['scores']
     assert r1['seeds'] == [7, 8, 9] and r1['n'] == 40
+    r3 = paper_protocol(model, judge, split, repeats=2, seed=7, batch_size=16, swaps=False)
+    assert set(r3['accuracy']) == {'fix_dynamics', 'fix_static'} and set(r3['msd']) == {'sample'}
     other = Judge.for_dataset(make_shapes(size=32).info, JudgeConfig.preset('tiny', image_size=32))
     with pytest.raises(ValueError, match='image_size'): paper_protocol(model, other, split, repeats=1)
 
@@ -247,10 +248,9 @@ def test_write_report_files(tmp_path, synthetic):
 
 # ------------------------------------------------------------------ seqdis eval end to end
 
-def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
+def test_cli_eval_writes_report_and_pngs(cli, tmp_path, capsys):
     from seqdis_nb.judge import save_judge, train_judge
     from seqdis_nb.train import save_checkpoint
-    torch.set_num_threads(1)
     shapes = make_shapes(size=16)
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
@@ -267,5 +267,7 @@ def test_cli_eval_writes_report_and_pngs(cli, tmp_path):
     assert 'MSD two-factor score' in r.stdout
     # a judge of another resolution is refused with a clear message (exit 2)
     save_judge(tmp_path / 'j8.pt', Judge.for_dataset(shapes.info, JudgeConfig.preset('tiny', image_size=32)))
-    r = cli('eval', '--checkpoint', tmp_path / 'm.pt', '--judge', tmp_path / 'j8.pt', '--out', tmp_path / 'x', '--quiet')
-    assert r.returncode == 2 and 'image_size' in r.stderr
+    from seqdis_nb.cli import main
+    assert main(['eval', '--checkpoint', str(tmp_path / 'm.pt'), '--judge', str(tmp_path / 'j8.pt'), '--out',
+                 str(tmp_path / 'x'), '--quiet']) == 2                               # in-process: no second start-up
+    assert 'image_size' in capsys.readouterr().err

@@ -12,6 +12,14 @@ from seqdis_nb.judge import (Judge, JudgeConfig, JudgeError, check_judge, judge_
 FIX = Path(__file__).parent / 'fixtures'
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def shapes():
     return make_shapes(size=16)
@@ -102,7 +110,6 @@ def test_mismatch_is_refused(tiny_judge, shapes):
 
 
 def test_training_learns_and_resume_is_exact(tmp_path, shapes):
-    torch.set_num_threads(1)
     kw = dict(limit=240, progress=False, seed=3)
     ref = train_judge(shapes, 'tiny', out=tmp_path / 'ref.pt', epochs=2, log=lambda *a: None, **kw)
 
@@ -122,13 +129,16 @@ def test_training_learns_and_resume_is_exact(tmp_path, shapes):
     assert judge_accuracy(res, x, y) == pytest.approx(acc)
 
 
-def test_cli_judge_train_and_show(cli, tmp_path):
+def test_cli_judge_train_and_show(cli, tmp_path, capsys):
+    from seqdis_nb.cli import main
     r = cli('judge', 'train', '--dataset', 'shapes', '--size', '16', '--epochs', '1', '--limit', '100',
             '--threads', '1', '--quiet', '--out', tmp_path / 'j.pt')
     assert r.returncode == 0, r.stderr
-    r = cli('judge', 'show', tmp_path / 'j.pt')
-    assert r.returncode == 0, r.stderr
-    assert 'dataset shapes at 16x16' in r.stdout and 'verified' in r.stdout and 'motion' in r.stdout
+    assert 'test accuracy' in r.stdout
+    capsys.readouterr()
+    assert main(['judge', 'show', str(tmp_path / 'j.pt')]) == 0                    # in-process: no second start-up
+    out = capsys.readouterr().out
+    assert 'dataset shapes at 16x16' in out and 'verified' in out and 'motion' in out
     (tmp_path / 'bad.pt').write_bytes(b'not a judge')
-    r = cli('judge', 'show', tmp_path / 'bad.pt')
-    assert r.returncode == 2 and 'not readable' in r.stderr
+    assert main(['judge', 'show', str(tmp_path / 'bad.pt')]) == 2
+    assert 'not readable' in capsys.readouterr().err

@@ -55,7 +55,7 @@ def test_fast_equals_plain(preset, shape, mode):
 
 
 def test_fast_equals_plain_irregular_conv():
-    "A 16x16 conv model (two stride-2 blocks), odd widths, T=3, B=1 frames for the second decode."
+    "A 16x16 conv model (two stride-2 blocks), odd widths, T=3."
     cfg = dict(image_size=16, nf=5, g_dim=11, rnn_dim=7, f_dim=6, z_dim=3)
     torch.manual_seed(0); fast = DBSE(DBSEConfig(fast=True, **cfg))
     plain = DBSE(DBSEConfig(fast=False, **cfg)); plain.load_state_dict(fast.state_dict())
@@ -108,13 +108,15 @@ def test_config_fast_flag():
     with pytest.raises(TypeError, match='fast must be a bool'): DBSEConfig(fast=1)
 
 
-def test_conv_decode_batches_like_separate_calls():
+def test_conv_decode_like_module():
+    "conv_decode against the module in train mode, twice (running statistics), and in eval mode."
     torch.manual_seed(0)
     dec = ConvFrameDecoder(9, 3, 16, 4)
     ref = copy.deepcopy(dec)
-    cs = [torch.randn(n, 9) for n in (5, 1, 3)]
-    outs = conv_decode(dec, cs)
-    for c, y in zip(cs, outs): torch.testing.assert_close(y, ref(c), rtol=1e-5, atol=1e-6)
+    for mode in (True, True, False):
+        dec.train(mode); ref.train(mode)
+        c = torch.randn(5, 9)
+        torch.testing.assert_close(conv_decode(dec, c), ref(c), rtol=1e-5, atol=1e-6)
     for (k, a), (_, b) in zip(dec.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=k)
 
@@ -179,3 +181,10 @@ def test_conv4x4s2_gemm(transposed, chunk, monkeypatch):
     fn = S.ConvT4x4s2GEMM if transposed else S.Conv4x4s2GEMM
     assert torch.autograd.gradcheck(fn.apply, (x64, m64.weight, m64.bias))
     with pytest.raises(ValueError, match='4x4 stride-2'): S.conv4x4s2_gemm(nn.Conv2d(5, 3, 4, 1, 1), x)
+
+
+def test_bench_profile_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / 'bench' / 'train_step.py'), '--smoke', '--profile'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'shapes-quick / fast: one step' in r.stdout and 'aten::' in r.stdout

@@ -1,5 +1,5 @@
 """SPYL (nbs/07_spyl.ipynb): the authors' layout, the MWS mutual information, InfoNCE, training, the shared API."""
-import io, json, math, os, subprocess, sys
+import io, json, math
 from pathlib import Path
 
 import pytest
@@ -248,9 +248,52 @@ def test_presets_build_and_round_trip():
     with pytest.raises(TypeError, match='config must be'): SPYL(1.0)
 
 
-def test_bench_smoke():
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / 'bench' / 'spyl_step.py'), '--smoke'], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(root)})
-    assert r.returncode == 0, r.stderr
-    assert 'load average' in r.stdout and 'shapes-quick' in r.stdout and '+views/DBSE' in r.stdout, r.stdout
+def test_bench_smoke(capsys):
+    "bench/spyl_step.py --smoke, in-process (the script's main)."
+    import runpy
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'bench' / 'spyl_step.py'))
+    assert bench['main'](['--smoke']) == 0
+    out = capsys.readouterr().out
+    assert 'load average' in out and 'shapes-quick' in out and '+views/DBSE' in out, out
+
+
+# ---------------------------------------------------------------- the trainer and the evaluation, unchanged
+def test_trainer_runs_spyl_with_the_views(tmp_path):
+    "In-process: the trainer passes epoch and n_data; with nce_start_epoch=1 the second epoch trains on the views."
+    from seqdis_nb.data import make_shapes
+    from seqdis_nb.train import Trainer, build_model, load_model
+    torch.manual_seed(0)
+    m = build_model('spyl', 'shapes-quick', image_size=16, nce_start_epoch=1)
+    assert isinstance(m, SPYL)
+    t = Trainer(m, make_shapes(size=16), tmp_path, batch_size=8, steps_per_epoch=2, val_batches=1, device='cpu',
+                progress=False)
+    t.fit(2)
+    ep = json.loads((tmp_path / 'metrics.json').read_text())['epochs']
+    assert ep[0]['train']['nce_s'] == 0 and ep[1]['train']['nce_s'] > 0 and ep[1]['train']['nce_d'] > 0
+    back = load_model(tmp_path / 'last.pt', device='cpu')
+    assert isinstance(back, SPYL) and not back.training and back.config == m.config
+    for k, v in back.state_dict().items(): torch.testing.assert_close(v, m.state_dict()[k])
+
+
+def test_cli_train_spyl_then_eval(tmp_path, capsys):
+    "`seqdis train --model spyl` writes a checkpoint that `seqdis eval` reads as it reads DBSE's (in-process `main`)."
+    from seqdis_nb.cli import main
+    from seqdis_nb.data import make_shapes
+    from seqdis_nb.judge import save_judge, train_judge
+    rc = main(['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--model', 'spyl', '--size', '16',
+               '--batch-size', '16', '--steps-per-epoch', '2', '--epochs', '1', '--threads', '1', '--device', 'cpu',
+               '--out', str(tmp_path / 'run'), '--quiet'])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert 'training spyl (shapes-quick' in out.out, out.out
+    m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert m['kind'] == 'spyl' and m['config']['z_dim'] == 8 and set(m['epochs'][0]['train']) >= {'mi', 'nce_s'}
+    torch.manual_seed(0)
+    save_judge(tmp_path / 'j.pt', train_judge(make_shapes(size=16), 'tiny', limit=64, progress=False,
+                                              log=lambda *a: None))
+    rc = main(['eval', '--checkpoint', str(tmp_path / 'run' / 'last.pt'), '--judge', str(tmp_path / 'j.pt'),
+               '--out', str(tmp_path / 'rep'), '--limit', '32', '--repeats', '1', '--tsne-n', '32', '--threads', '1',
+               '--quiet', '--no-figures'])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / 'rep' / 'report.json').read_text())
+    assert rep['model']['kind'] == 'spyl' and rep['protocol']['n'] == 32
