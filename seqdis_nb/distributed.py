@@ -164,7 +164,8 @@ class DistributedTrainer(Trainer):
     def train_step(self, x: torch.Tensor) -> dict:
         "One synchronised step; the returned terms are means over the global batch. `NonFiniteLossError` on every rank."
         self.ddp.train()
-        loss, terms = self.ddp(x, self.epoch, len(self.data.train))
+        loss, terms = self._collective('the forward (DDP broadcasts the buffers)', self.ddp, x, self.epoch,
+                                       len(self.data.train))
         names = ['loss', *terms]
         local = torch.stack([loss.detach(), *terms.values()]).double()               # (K,)
         glob = local.clone()

@@ -389,12 +389,15 @@ def _check_fits(model, info) -> None:
 def cmd_train(args) -> int:
     """`seqdis train`: build, train, print where the outputs are. Under torchrun (RANK and WORLD_SIZE set) this
     process is one rank of a DistributedDataParallel job (04a_distributed); rank 0 prints and writes."""
-    from .distributed import launch         # imported here: seqdis_nb.distributed imports this module
+    from .distributed import PeerLostError, launch   # imported here: seqdis_nb.distributed imports this module
     if args.threads: torch.set_num_threads(args.threads)
-    return launch(lambda env, device: _train(args, env, device), args.device, args.dist_timeout)
+    try: return launch(lambda env, device: _train(args, env, device), args.device, args.dist_timeout)
+    except PeerLostError as e:
+        print(f"seqdis train: the distributed job failed: {e}", file=sys.stderr)
+        return 4
 
 def _train(args, env, device) -> int:
-    from .distributed import DistributedTrainer, PeerLostError
+    from .distributed import DistributedTrainer
     cls = model_class(args.model)
     over = {k: v for k, v in (('lr', args.lr), ('batch_size', args.batch_size)) if v is not None}
     cfg = cls.config_class.preset(args.preset, **over)
@@ -430,9 +433,6 @@ def _train(args, env, device) -> int:
     except NonFiniteLossError as e:
         print(f"seqdis train: stopped: {e}", file=sys.stderr)
         return 3
-    except PeerLostError as e:
-        print(f"seqdis train: the distributed job failed: {e}", file=sys.stderr)
-        return 4
     except OSError as e:       # a write failed (see `Trainer.save`): a message, not a traceback
         print(f"seqdis train: stopped: {e.strerror or e}", file=sys.stderr)
         return 4
