@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1e1ad7a0
 from __future__ import annotations
-import math, os, random
+import argparse, math, os, random
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['get_device', 'seed_everything', 'make_generator', 'reparameterize', 'kl_static', 'kl_dynamic', 'check_tensor',
-           'check_same_device']
+           'check_same_device', 'positive']
 
 # %% ../nbs/00_core.ipynb #855dc1cf
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -91,3 +91,14 @@ def check_same_device(**tensors):
     devs = {k: v.device for k, v in tensors.items()}
     if len(set(devs.values())) > 1:
         raise ValueError('tensors must be on one device, got ' + ', '.join(f'{k} on {v}' for k, v in devs.items()))
+
+# %% ../nbs/00_core.ipynb #532b6f10
+def positive(kind=int):
+    "An argparse `type`: a positive finite `kind` (int or float), else a usage error naming the value."
+    def parse(s: str):
+        try: v = kind(s)
+        except ValueError: v = None
+        if v is None or not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {s!r}")
+        return v
+    return parse

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import get_device, make_generator
+from .core import get_device, make_generator, positive
 from .data import DatasetInfo, SeqSplit, DataBundle, load_dataset, show_sequences
 from .judge import Judge, check_judge, load_judge, resize_video
 
@@ -454,13 +454,13 @@ def register_cli(sub) -> None:
     p.add_argument('--judge', help='judge file (video datasets)')
     p.add_argument('--out', required=True, help='folder for report.json, report.md and the PNGs')
     p.add_argument('--split', default='test', choices=['train', 'val', 'test'])
-    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--repeats', type=positive(), default=5)
     p.add_argument('--seed', type=int, default=0, help='seed of the evaluation generator (repeat r uses seed + r)')
-    p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--limit', type=int, help='evaluate only the first N sequences (smoke runs)')
-    p.add_argument('--tsne-n', type=int, default=500)
+    p.add_argument('--batch-size', type=positive(), default=256)
+    p.add_argument('--limit', type=positive(), help='evaluate only the first N sequences (smoke runs)')
+    p.add_argument('--tsne-n', type=positive(), default=500)
     p.add_argument('--device')
-    p.add_argument('--threads', type=int)
+    p.add_argument('--threads', type=positive())
     p.add_argument('--no-figures', action='store_true')
     p.add_argument('--quiet', action='store_true')
     p.set_defaults(func=_cmd_eval)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_tensor, get_device
+from .core import check_tensor, get_device, positive
 from .data import DatasetInfo, SeqSplit, DataBundle, load_dataset
 
 # %% auto #0
@@ -359,14 +359,14 @@ def register_cli(sub) -> None:
     js = p.add_subparsers(dest='judge_command', metavar='ACTION', required=True)
     t = js.add_parser('train', help='train a judge on a video dataset\'s training split')
     t.add_argument('--dataset', default='sprites', choices=['sprites', 'shapes'])
-    t.add_argument('--size', type=int, default=32, help='frame size the judge reads (data are area-resized)')
+    t.add_argument('--size', type=positive(), default=32, help='frame size the judge reads (data are area-resized)')
     t.add_argument('--preset', choices=sorted(JUDGE_PRESETS), help='default: by size (64 sprites, 32 small, 16 tiny)')
-    t.add_argument('--epochs', type=int)
+    t.add_argument('--epochs', type=positive())
     t.add_argument('--out', required=True)
     t.add_argument('--seed', type=int, default=0)
     t.add_argument('--device')
-    t.add_argument('--threads', type=int, help='torch threads (default: torch\'s)')
-    t.add_argument('--limit', type=int, help='use only the first N sequences of each split (smoke runs)')
+    t.add_argument('--threads', type=positive(), help='torch threads (default: torch\'s)')
+    t.add_argument('--limit', type=positive(), help='use only the first N sequences of each split (smoke runs)')
     t.add_argument('--no-resume', action='store_true')
     t.add_argument('--quiet', action='store_true')
     t.set_defaults(func=_cmd_judge_train)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import get_device, seed_everything
+from .core import get_device, seed_everything, positive
 from .data import DATASETS, DataBundle, SeqSplit, downsample_frames, load_dataset
 
 # %% auto #0
@@ -447,16 +447,6 @@ def _train(args, env, device) -> int:
     print(f"  loss.png      loss curves")
     return 0
 
-def _positive(kind=int):
-    "An argparse `type`: a positive finite `kind` (int or float), else a usage error naming the option."
-    def parse(s: str):
-        try: v = kind(s)
-        except ValueError: v = None
-        if v is None or not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {s!r}")
-        return v
-    return parse
-
 def register_cli(sub) -> None:
     "Add `seqdis train` to the `seqdis` sub-command parsers."
     p = sub.add_parser('train', help='train a model, writing checkpoints, metrics.json and loss.png',
@@ -465,18 +455,18 @@ def register_cli(sub) -> None:
     p.add_argument('--dataset', required=True, choices=sorted(DATASETS))
     p.add_argument('--preset', required=True, help="config preset of the model, e.g. shapes-quick, sprites-cpu")
     p.add_argument('--model', default='dbse', choices=sorted(MODELS))
-    p.add_argument('--epochs', type=_positive(), required=True, help='train until this many epochs are complete')
-    p.add_argument('--steps-per-epoch', type=_positive(), help='steps per epoch (default: one pass over the training split)')
-    p.add_argument('--batch-size', type=_positive(), help="default: the preset's")
-    p.add_argument('--lr', type=_positive(float), help="default: the preset's")
+    p.add_argument('--epochs', type=positive(), required=True, help='train until this many epochs are complete')
+    p.add_argument('--steps-per-epoch', type=positive(), help='steps per epoch (default: one pass over the training split)')
+    p.add_argument('--batch-size', type=positive(), help="default: the preset's")
+    p.add_argument('--lr', type=positive(float), help="default: the preset's")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     p.add_argument('--device', help='cpu, cuda, cuda:1 (default: $SEQDIS_DEVICE, else CUDA when available)')
-    p.add_argument('--checkpoint-every', type=_positive(), metavar='N', help='also write last.pt every N steps')
-    p.add_argument('--size', type=_positive(), help="Shapes: draw frames of this size; Sprites: area-downsample the 64x64 "
+    p.add_argument('--checkpoint-every', type=positive(), metavar='N', help='also write last.pt every N steps')
+    p.add_argument('--size', type=positive(), help="Shapes: draw frames of this size; Sprites: area-downsample the 64x64 "
                    "frames to it (32, 16, 8); either way the model's image_size is set to it (default: the preset's)")
-    p.add_argument('--threads', type=_positive(), help='torch CPU threads (default: torch\'s choice)')
+    p.add_argument('--threads', type=positive(), help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--sync-bn', action='store_true', help='under torchrun on GPUs: BatchNorm statistics over the '
                    'global batch (SyncBatchNorm); default: each rank normalises with its own batch')

@@ -26,3 +26,17 @@ def test_help_and_bad_command(cli):
 def test_bad_device_env_is_a_clear_error(cli):
     r = cli('info', env={'SEQDIS_DEVICE': 'cuda'})
     assert r.returncode != 0 and 'no CUDA device' in r.stderr
+
+
+@pytest.mark.parametrize('argv', [
+    ['eval', '--checkpoint', 'x.pt', '--repeats', '0'],
+    ['eval', '--checkpoint', 'x.pt', '--limit', '-3'],
+    ['judge', 'train', '--dataset', 'shapes', '--out', 'j.pt', '--epochs', '-1'],
+    ['judge', 'train', '--dataset', 'shapes', '--out', 'j.pt', '--size', 'nan'],
+    ['train', '--dataset', 'shapes', '--preset', 'shapes-quick', '--epochs', '0', '--out', 'x'],
+])
+def test_counts_must_be_positive(argv, capsys):
+    from seqdis_nb.cli import main
+    with pytest.raises(SystemExit) as e: main(argv)
+    assert e.value.code == 2
+    assert 'must be a positive int' in capsys.readouterr().err
