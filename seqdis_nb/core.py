@@ -92,7 +92,7 @@ def check_same_device(**tensors):
     if len(set(devs.values())) > 1:
         raise ValueError('tensors must be on one device, got ' + ', '.join(f'{k} on {v}' for k, v in devs.items()))
 
-# %% ../nbs/00_core.ipynb #532b6f10
+# %% ../nbs/00_core.ipynb #142a7810
 def positive(kind=int):
     "An argparse `type`: a positive finite `kind` (int or float), else a usage error naming the value."
     def parse(s: str):
