@@ -200,10 +200,17 @@ def judge_accuracy(judge: Judge, x: torch.Tensor, y: torch.Tensor, batch_size: i
     return {f: float(h) / max(len(x), 1) for f, h in zip(judge.factors, hits)}
 
 def _atomic_torch_save(obj, path: Path):
+    "Write `obj` to `path` atomically: temp file, fsync, rename, fsync of the folder; a failed write leaves no temp file."
     path = Path(path); tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
 
 # %% ../nbs/05_judge.ipynb #3360d0c5
 def train_judge(bundle: DataBundle, config: JudgeConfig | str = 'small', out=None, epochs: int | None = None,
@@ -230,7 +237,12 @@ def train_judge(bundle: DataBundle, config: JudgeConfig | str = 'small', out=Non
     start, history = 0, []
     state_path = None if out is None else Path(str(out) + '.state')
     if state_path is not None and resume and state_path.exists():
-        st = torch.load(state_path, map_location=dev, weights_only=True)
+        try:
+            st = torch.load(state_path, map_location=dev, weights_only=True)
+            for k in ('config', 'dataset', 'model', 'optimizer', 'rng', 'epoch'): st[k]
+        except Exception as e:
+            raise JudgeError(f"resume state {state_path} is truncated or corrupt ({type(e).__name__}: {e}); delete it "
+                             f"to train from scratch, or pass resume=False") from None
         if st.get('config') != cfg.to_dict() or st.get('dataset') != bundle.info.name:
             raise ValueError(f"resume state {state_path} was written for another config/dataset; delete it or pass resume=False")
         judge.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); g.set_state(st['rng'])

@@ -142,3 +142,23 @@ def test_cli_judge_train_and_show(cli, tmp_path, capsys):
     (tmp_path / 'bad.pt').write_bytes(b'not a judge')
     assert main(['judge', 'show', str(tmp_path / 'bad.pt')]) == 2
     assert 'not readable' in capsys.readouterr().err
+
+
+def test_corrupt_resume_state_and_failed_write(tmp_path, shapes, monkeypatch):
+    "A truncated OUT.state is a clear error naming it; a write that fails leaves no temp file and the old file intact."
+    from seqdis_nb import judge as J
+    kw = dict(limit=240, progress=False, seed=3, log=lambda *a: None)
+    class Stop(Exception): pass
+    def stop(msg):
+        if msg.startswith('epoch 2'): raise Stop
+    with pytest.raises(Stop): train_judge(shapes, 'tiny', out=tmp_path / 'j.pt', epochs=2, **{**kw, 'log': stop})
+    st = tmp_path / 'j.pt.state'
+    good = st.read_bytes()
+    st.write_bytes(good[:len(good) // 2])
+    with pytest.raises(J.JudgeError, match=r'j\.pt\.state is truncated or corrupt'):
+        train_judge(shapes, 'tiny', out=tmp_path / 'j.pt', epochs=2, **kw)
+    st.write_bytes(good)
+    def full(*a, **k): raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(J.torch, 'save', full)
+    with pytest.raises(OSError, match='No space left'): J._atomic_torch_save({'a': 1}, st)
+    assert st.read_bytes() == good and not list(tmp_path.glob('*.tmp*'))
