@@ -3,15 +3,17 @@ minutes, then judge every checkpoint with the paper protocol (issue 8 part 3).
 
     python bench/ttd.py train --seed 0 --out /work/artifacts/ttd/seed0 --minutes 30 --every 3 --threads 1
     python bench/ttd.py eval  --runs /work/artifacts/ttd/seed0 /work/artifacts/ttd/seed1 ... \\
-                              --judge /work/artifacts/judges/sprites32.pt --repeats 1 --final-repeats 5 --out curve.json
-    python bench/ttd.py plot  --curve curve.json --png curve.png         # the curve and its Markdown table
+                              --judge /work/artifacts/judges/sprites32.pt --stride 8 --repeats 1 --out curve.json
+    python bench/ttd.py plot  --curve curve*.json --png curve.png        # the curve and its Markdown table
+    python bench/ttd.py report --checkpoint .../seed0/ck_10.pt --judge ... --stride 8 --repeats 5 --out report
 
 `train` runs `Trainer.train_step` in a plain loop (no per-epoch validation pass, so every second goes to training)
 and, each time `--every` more minutes of wall time have passed since the first step, writes `ck_NN.pt` (a normal
 trainer checkpoint) and appends its wall minutes, process CPU minutes (`time.process_time`, all threads), step and
 the machine load (`os.getloadavg`) to `log.json`. Both clocks count training only (not loading the data).
-`eval` judges each checkpoint on the full test split (held-out characters) with `paper_protocol`: `--repeats`
-repeats for the curve points, `--final-repeats` for the last checkpoint of each run.
+`eval` judges checkpoints on the test split (held-out characters; `--stride N`: every N-th sequence) in the two
+paper-protocol modes the criterion needs (`criterion_generations`), `--repeats` times with evaluation generators;
+`report` writes the full `seqdis eval` report (`evaluate`, all four modes, IS/entropies, MSD) of one checkpoint.
 """
 import argparse, json, os, sys, time
 from pathlib import Path
@@ -109,24 +111,22 @@ def cmd_eval(a) -> int:
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {'points': []}
     done = {(p['run'], p['file'], p['repeats'], p['n']) for p in res['points']}
-    test, t_end = None, time.time() + 60 * a.wait
+    size = judge.config.image_size
+    test, t_end = test_subset(size, a.stride), time.time() + 60 * a.wait
+    check_judge(judge, test.info, size)
     while True:
         todo = []
         for run in map(Path, a.runs):
             log = json.loads((run / 'log.json').read_text()) if (run / 'log.json').exists() else {'checkpoints': []}
             for c in log['checkpoints']:
                 if a.files and c['file'].removesuffix('.pt') not in a.files: continue
-                if test is not None and (str(run), c['file'], a.repeats, len(test)) in done: continue
+                if (str(run), c['file'], a.repeats, len(test)) in done: continue
                 todo.append((run, log, c))
-        if test is not None and not todo:
+        if not todo:
             if time.time() > t_end: return 0
             time.sleep(20); continue
         for run, log, c in todo:
             model = load_model(run / c['file'])
-            if test is None:
-                test = test_subset(model.config.image_size, a.stride)
-                check_judge(judge, test.info, model.config.image_size)
-            if (str(run), c['file'], a.repeats, len(test)) in done: continue
             t0 = time.perf_counter()
             acc = eval_point(model, judge, test, a.repeats, a.seed)
             pt = {'run': str(run), 'seed': log['seed'], 'file': c['file'], 'wall_min': c['wall_min'],
@@ -144,15 +144,28 @@ def cmd_eval(a) -> int:
 
 
 def cmd_report(a) -> int:
-    "The full evaluation report (`seqdis eval`'s evaluate + write_report) of one checkpoint on the strided test split."
+    """The full evaluation report (`seqdis eval`'s evaluate + write_report) on the strided test split of the best of
+    the `--checkpoint` candidates: the one whose run scores the highest min(criterion) at its latest point in the
+    `--curve` files (the first candidate without them). `--wait`: poll up to that many minutes for the candidates."""
     from seqdis_nb.evaluate import evaluate, make_figures, report_markdown, write_report
     from seqdis_nb.judge import load_judge
     torch.set_num_threads(a.threads)
-    model = load_model(a.checkpoint)
-    judge = load_judge(a.judge, device=next(model.parameters()).device)
-    test = test_subset(model.config.image_size, a.stride)
+    judge = load_judge(a.judge)
+    test = test_subset(judge.config.image_size, a.stride)
+    cands, t_end = [Path(c) for c in a.checkpoint], time.time() + 60 * a.wait
+    while not all(c.exists() for c in cands):
+        if time.time() > t_end: raise FileNotFoundError(f"checkpoints missing after {a.wait} min: {[str(c) for c in cands if not c.exists()]}")
+        time.sleep(20)
+    best = cands[0]
+    if a.curve and len(cands) > 1:
+        pts, _ = load_points(a.curve)
+        def score(c):
+            mine = [p for p in pts if Path(p['run']) == c.parent]
+            return min(criterion(max(mine, key=lambda p: (p['wall_min'], p['repeats'])))) if mine else -1
+        best = max(cands, key=score)
+    model = load_model(best)
     res = evaluate(model, judge, test, repeats=a.repeats, seed=a.seed)
-    res['checkpoint'], res['stride'] = str(a.checkpoint), a.stride
+    res['checkpoint'], res['stride'], res['candidates'] = str(best), a.stride, [str(c) for c in cands]
     write_report(res, a.out, None if a.no_figures else make_figures(model, test, seed=a.seed, tsne_n=a.tsne_n))
     print(report_markdown(res))
     return 0
@@ -218,8 +231,14 @@ def plot(points):
     return fig
 
 
+def load_points(paths) -> tuple:
+    "The curve points of several `eval --out` files (e.g. one per process), and the judge's own test accuracy."
+    res = [json.loads(Path(p).read_text()) for p in paths]
+    return [p for r in res for p in r['points']], res[0]['judge_test_accuracy']
+
+
 def cmd_plot(a) -> int:
-    pts = json.loads(Path(a.curve).read_text())['points']
+    pts, _ = load_points(a.curve)
     fig = plot(pts); fig.savefig(a.png, dpi=90)
     print(table(pts))
     return 0
@@ -246,7 +265,9 @@ def parse_args(argv=None):
     e.add_argument('--seed', type=int, default=0, help='evaluation generator seed (repeat r uses seed + r)')
     e.add_argument('--threads', type=int, default=1)
     r = sub.add_parser('report')
-    r.add_argument('--checkpoint', required=True)
+    r.add_argument('--checkpoint', nargs='+', required=True, help='candidate checkpoints (the best is reported)')
+    r.add_argument('--curve', nargs='*', help='eval --out files used to choose among the candidates')
+    r.add_argument('--wait', type=float, default=0, help='minutes to wait for the candidates to exist')
     r.add_argument('--judge', required=True)
     r.add_argument('--out', required=True)
     r.add_argument('--repeats', type=int, default=5)
@@ -256,7 +277,7 @@ def parse_args(argv=None):
     r.add_argument('--tsne-n', type=int, default=300)
     r.add_argument('--no-figures', action='store_true')
     q = sub.add_parser('plot')
-    q.add_argument('--curve', required=True)
+    q.add_argument('--curve', nargs='+', required=True, help='one or more eval --out files')
     q.add_argument('--png', required=True)
     return p.parse_args(argv)
 
