@@ -213,16 +213,20 @@ def plot(points):
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, clock in zip(axs, ('wall_min', 'cpu_min')):
-        for seed in sorted({p['seed'] for p in points}):
+        for i, seed in enumerate(sorted({p['seed'] for p in points})):
             ps = sorted((p for p in points if p['seed'] == seed), key=lambda p: p[clock])
             # one point per checkpoint: the final-repeats evaluation when there are two
             by = {}
             for p in ps: by[p['file']] = max(by.get(p['file'], p), p, key=lambda q: q['repeats'])
             ps = sorted(by.values(), key=lambda p: p[clock])
             x = [p[clock] for p in ps]
-            ax.plot(x, [100 * criterion(p)[0] for p in ps], 'o-', label=f'seed {seed}: dynamic (s resampled)')
-            ax.plot(x, [100 * criterion(p)[1] for p in ps], 's--', label=f'seed {seed}: min static (d resampled)')
+            ax.plot(x, [100 * criterion(p)[0] for p in ps], 'o-', color=f'C{i}', label=f'seed {seed}: dynamic (s resampled)')
+            ax.plot(x, [100 * criterion(p)[1] for p in ps], 's--', color=f'C{i}', label=f'seed {seed}: min static (d resampled)')
         ax.axhline(90, color='k', lw=0.8, ls=':')
+        for chance in (100 / 9, 100 / 6):                          # Sprites: 9 actions, 6 classes per static factor
+            ax.axhline(chance, color='gray', lw=0.6, ls='-.')
+        ax.text(ax.get_xlim()[0], 90.5, ' target 90 %', fontsize=7, va='bottom')
+        ax.text(ax.get_xlim()[0], 17.5, ' chance: 1/6 static, 1/9 action', fontsize=7, va='bottom', color='gray')
         ax.set(xlabel='training minutes (' + ('wall' if clock == 'wall_min' else 'process CPU') + ')',
                ylabel='judge accuracy (%)', ylim=(0, 101))
     axs[0].legend(fontsize=6)
