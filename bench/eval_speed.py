@@ -7,10 +7,11 @@ The protocol is timed twice: the papers' two directions only (`swaps=False`) and
 (the MSD swap variant). Prints the times and their ratios. The model is freshly initialised (the timing does not
 depend on the weights). `--train-steps N` / `--repeats-timed k` time a part and scale it linearly (said so).
 
-    python bench/eval_speed.py [--threads 1] [--judge /work/artifacts/judges/sprites32.pt] [--train-steps N]
+    python bench/eval_speed.py [--threads 1] [--judge <SEQDIS_CACHE>/judges/sprites32.pt] [--train-steps N]
                                [--repeats-timed k]
 """
-import argparse, time
+import argparse, os, time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def count_flops(model, judge, x) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--judge', default='/work/artifacts/judges/sprites32.pt')
+    ap.add_argument('--judge', default=str(Path(os.environ.get('SEQDIS_CACHE', Path.home() / '.cache' / 'seqdis_nb')) / 'judges' / 'sprites32.pt'))
     ap.add_argument('--repeats', type=int, default=5)
     ap.add_argument('--train-steps', type=int, default=None, help='time only N steps and scale to the epoch')
     ap.add_argument('--repeats-timed', type=int, default=None, help='time only k repeats and scale to --repeats')

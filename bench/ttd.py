@@ -1,9 +1,9 @@
 """Time to disentangle on CPU: train DBSE on 32x32 Sprites for a wall-clock budget, keep a checkpoint every few
 minutes, then judge every checkpoint with the paper protocol (issue 8 part 3).
 
-    python bench/ttd.py train --seed 0 --out /work/artifacts/ttd/seed0 --minutes 30 --every 3 --threads 1
-    python bench/ttd.py eval  --runs /work/artifacts/ttd/seed0 /work/artifacts/ttd/seed1 ... \\
-                              --judge /work/artifacts/judges/sprites32.pt --stride 8 --repeats 1 --out curve.json
+    python bench/ttd.py train --seed 0 --out runs/ttd/seed0 --minutes 30 --every 3 --threads 1
+    python bench/ttd.py eval  --runs runs/ttd/seed0 runs/ttd/seed1 ... \\
+                              --judge <SEQDIS_CACHE>/judges/sprites32.pt --stride 8 --repeats 1 --out curve.json
     python bench/ttd.py plot  --curve curve*.json --png curve.png        # the curve and its Markdown table
     python bench/ttd.py report --checkpoint .../seed0/ck_10.pt --judge ... --stride 8 --repeats 5 --out report
 
