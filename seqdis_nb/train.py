@@ -4,12 +4,13 @@
 
 # %% ../nbs/04_train.ipynb #88471b11
 from __future__ import annotations
-import argparse, dataclasses, importlib, json, math, os, random, sys, tempfile, time
+import argparse, dataclasses, hashlib, importlib, json, math, os, random, sys, tempfile, time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten_with_path
 from tqdm.auto import tqdm
 
 from .core import get_device, seed_everything, positive
@@ -17,9 +18,9 @@ from .data import DATASETS, DataBundle, SeqSplit, downsample_frames, load_datase
 
 # %% auto #0
 __all__ = ['MODELS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_KEYS', 'model_class', 'build_model', 'prepare_batch', 'epoch_order',
-           'rng_state', 'set_rng_state', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
-           'load_model', 'validation_loss', 'NonFiniteLossError', 'Trainer', 'plot_losses', 'resize_video', 'cmd_train',
-           'register_cli']
+           'rng_state', 'set_rng_state', 'CheckpointError', 'atomic_write', 'checkpoint_digest', 'save_checkpoint',
+           'load_checkpoint', 'load_model', 'validation_loss', 'NonFiniteLossError', 'Trainer', 'plot_losses',
+           'resize_video', 'cmd_train', 'register_cli']
 
 # %% ../nbs/04_train.ipynb #3edeaec6
 MODELS = {'dbse': 'seqdis_nb.dbse:DBSE', 'spyl': 'seqdis_nb.spyl:SPYL'}
@@ -122,6 +123,18 @@ def atomic_write(path, write_fn) -> Path:
     return path
 
 # %% ../nbs/04_train.ipynb #fb5a397b
+def checkpoint_digest(ckpt: dict) -> str:
+    """SHA-256 over the model and optimizer tensors of a checkpoint (names, dtypes, shapes and bytes, in order): torch
+    does not check tensor data when it loads, so without it a flipped byte in the weights would load silently."""
+    h = hashlib.sha256()
+    for key_path, leaf in tree_flatten_with_path((ckpt['model'], ckpt['optimizer']))[0]:
+        h.update(repr(key_path).encode())
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().to('cpu').reshape(-1).contiguous()
+            h.update(f'{t.dtype}{tuple(leaf.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+        else: h.update(repr(leaf).encode())
+    return h.hexdigest()
+
 def save_checkpoint(path, model, optimizer, epoch: int = 0, step: int = 0, dataset: str | None = None,
                     rng: dict | None = None, metrics: dict | None = None) -> Path:
     "Write a checkpoint (see the table above) atomically to `path`; `rng` defaults to the current `rng_state()`."
@@ -129,6 +142,7 @@ def save_checkpoint(path, model, optimizer, epoch: int = 0, step: int = 0, datas
             'model': model.state_dict(), 'optimizer': optimizer.state_dict() if optimizer is not None else None,
             'epoch': int(epoch), 'step': int(step), 'rng': rng_state() if rng is None else rng,
             'metrics': metrics or {}}
+    ckpt['sha256'] = checkpoint_digest(ckpt)
     return atomic_write(path, lambda f: torch.save(ckpt, f))
 
 def load_checkpoint(path, map_location='cpu') -> dict:
@@ -143,6 +157,8 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"{path} is not a seqdis_nb checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing: raise CheckpointError(f"{path} lacks the checkpoint entries {missing}")
+    if 'sha256' in ckpt and checkpoint_digest(ckpt) != ckpt['sha256']:
+        raise CheckpointError(f"{path} is corrupt: its weights do not match the checksum written with them")
     return ckpt
 
 def load_model(path, device=None) -> torch.nn.Module:

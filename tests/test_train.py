@@ -292,3 +292,20 @@ def test_bench_trainer_steps_runs(capsys):
     row = next(l for l in out.splitlines() if l.startswith('shapes-quick'))
     s_per_step, seq_per_s = map(float, row.split()[3:5])
     assert s_per_step > 0 and abs(seq_per_s - 4 / s_per_step) < 0.1 * seq_per_s + 0.1, row
+
+
+def test_a_flipped_byte_in_the_weights_is_detected(reference, tmp_path):
+    "torch.load does not check tensor data: the checkpoint's SHA-256 over its tensors catches a flipped weight byte."
+    import zipfile
+    src = reference / 'last.pt'
+    assert load_checkpoint(src)['sha256']                                          # written with every checkpoint
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED
+    raw = bytearray(src.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)   # local header, then the data
+    raw[start + info.file_size // 2] ^= 0x10
+    bad = tmp_path / 'flipped.pt'; bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match='flipped.pt is corrupt: its weights do not match the checksum'):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError): load_model(bad)
