@@ -19,15 +19,43 @@ from .ops import gauss_kl, sub_first
 from .speed import conv_decode, conv_encode, convs_to_channels_last, prior_lstm
 
 # %% auto #0
-__all__ = ['ENCODERS', 'DBSE_PRESETS', 'DBSEConfig', 'ConvBlock', 'UpConvBlock', 'ConvFrameEncoder', 'ConvFrameDecoder',
-           'LSTMFrameEncoder', 'LSTMFrameDecoder', 'MLPFrameEncoder', 'MLPFrameDecoder', 'DBSEOutput', 'Posterior',
-           'PriorRollout', 'Swapped', 'init_dbse_weights', 'DBSE']
+__all__ = ['ENCODERS', 'DBSE_PRESETS', 'PresetConfig', 'DBSEConfig', 'ConvBlock', 'UpConvBlock', 'ConvFrameEncoder',
+           'ConvFrameDecoder', 'LSTMFrameEncoder', 'LSTMFrameDecoder', 'MLPFrameEncoder', 'MLPFrameDecoder',
+           'DBSEOutput', 'Posterior', 'PriorRollout', 'Swapped', 'init_dbse_weights', 'DBSE']
 
 # %% ../nbs/03_dbse.ipynb #9aae04dd
 ENCODERS = ('conv', 'lstm', 'mlp')
 
+class PresetConfig:
+    """What the model configs share: `frame_shape`, a plain-dict round trip, and named presets from the class's
+    `PRESETS` dict. Subclasses are dataclasses with `encoder`, `channels`, `image_size` and `features` fields."""
+    @property
+    def frame_shape(self) -> tuple:
+        "Shape of one sequence element: (C, H, W) for video, (F,) for sequences."
+        if self.encoder == 'conv': return (self.channels, self.image_size, self.image_size)
+        return (self.features,)
+
+    def to_dict(self) -> dict:
+        "Plain python types only (checkpoints load with `weights_only=True`)."
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        "Inverse of `to_dict`; unknown keys are an error."
+        extra = sorted(set(d) - {f.name for f in fields(cls)})
+        if extra: raise ValueError(f"unknown {cls.__name__} field(s): {extra}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        "The named preset (see the class's `PRESETS`), with fields replaced by `overrides`."
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__.removesuffix('Config')} preset {name!r}; "
+                             f"choose from {sorted(cls.PRESETS)}")
+        return replace(cls(name=name, **cls.PRESETS[name]), **overrides)
+
 @dataclass
-class DBSEConfig:
+class DBSEConfig(PresetConfig):
     "Hyper-parameters of a DBSE model. `DBSEConfig.preset(name, **overrides)` gives the named presets."
     name: str = 'custom'
     encoder: str = 'conv'            # frame encoder: 'conv' (video), 'lstm' (audio frames), 'mlp' (time series)
@@ -77,30 +105,6 @@ class DBSEConfig:
         if self.logvar_clamp is not None and not self.logvar_clamp > 0:
             raise ValueError(f"logvar_clamp must be None or > 0, got {self.logvar_clamp!r}")
 
-    @property
-    def frame_shape(self) -> tuple:
-        "Shape of one sequence element: (C, H, W) for video, (F,) for sequences."
-        if self.encoder == 'conv': return (self.channels, self.image_size, self.image_size)
-        return (self.features,)
-
-    def to_dict(self) -> dict:
-        "Plain python types only (checkpoints load with `weights_only=True`)."
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> 'DBSEConfig':
-        "Inverse of `to_dict`; unknown keys are an error."
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra: raise ValueError(f"unknown DBSEConfig field(s): {extra}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> 'DBSEConfig':
-        "The named preset (see `DBSE_PRESETS`), with fields replaced by `overrides`."
-        if name not in DBSE_PRESETS:
-            raise ValueError(f"unknown DBSE preset {name!r}; choose from {sorted(DBSE_PRESETS)}")
-        return replace(cls(name=name, **DBSE_PRESETS[name]), **overrides)
 
 DBSE_PRESETS = {
     'sprites':      dict(image_size=64, nf=64, g_dim=256, rnn_dim=64, f_dim=256, z_dim=256, lr=2e-3, batch_size=128),
@@ -114,6 +118,7 @@ DBSE_PRESETS = {
     'series':       dict(encoder='mlp', features=10, seq_len=24, seq_hidden=64, g_dim=64, rnn_dim=32, f_dim=16,
                          z_dim=8, lr=1e-3, batch_size=64),
 }
+DBSEConfig.PRESETS = DBSE_PRESETS
 
 # %% ../nbs/03_dbse.ipynb #2ca9c78f
 def _n_blocks(image_size: int) -> int:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import reparameterize
-from .dbse import (DBSE, ENCODERS, ConvFrameDecoder, ConvFrameEncoder, LSTMFrameDecoder, LSTMFrameEncoder,
+from .dbse import (PresetConfig, DBSE, ENCODERS, ConvFrameDecoder, ConvFrameEncoder, LSTMFrameDecoder, LSTMFrameEncoder,
                             MLPFrameDecoder, MLPFrameEncoder, Posterior, init_dbse_weights)
 from .ops import gauss_kl
 
@@ -23,7 +23,7 @@ __all__ = ['SPYL_PRESETS', 'SPYLConfig', 'SPYLOutput', 'SPYL', 'log_density_matr
 
 # %% ../nbs/07_spyl.ipynb #935d649d
 @dataclass
-class SPYLConfig:
+class SPYLConfig(PresetConfig):
     "Hyper-parameters of a SPYL model. `SPYLConfig.preset(name, **overrides)` gives the named presets."
     name: str = 'custom'
     encoder: str = 'conv'            # frame encoder: 'conv' (video), 'lstm' (audio frames), 'mlp' (time series)
@@ -78,30 +78,6 @@ class SPYLConfig:
         if self.logvar_clamp is not None and not self.logvar_clamp > 0:
             raise ValueError(f"logvar_clamp must be None or > 0, got {self.logvar_clamp!r}")
 
-    @property
-    def frame_shape(self) -> tuple:
-        "Shape of one sequence element: (C, H, W) for video, (F,) for sequences."
-        if self.encoder == 'conv': return (self.channels, self.image_size, self.image_size)
-        return (self.features,)
-
-    def to_dict(self) -> dict:
-        "Plain python types only (checkpoints load with `weights_only=True`)."
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> 'SPYLConfig':
-        "Inverse of `to_dict`; unknown keys are an error."
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra: raise ValueError(f"unknown SPYLConfig field(s): {extra}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> 'SPYLConfig':
-        "The named preset (see `SPYL_PRESETS`), with fields replaced by `overrides`."
-        if name not in SPYL_PRESETS:
-            raise ValueError(f"unknown SPYL preset {name!r}; choose from {sorted(SPYL_PRESETS)}")
-        return replace(cls(name=name, **SPYL_PRESETS[name]), **overrides)
 
 SPYL_PRESETS = {
     'sprites':      dict(image_size=64, nf=64, g_dim=128, rnn_dim=256, f_dim=256, z_dim=32, lr=2e-3, batch_size=128),
@@ -113,6 +89,7 @@ SPYL_PRESETS = {
     'series':       dict(encoder='mlp', features=10, seq_len=24, seq_hidden=64, g_dim=64, rnn_dim=32, f_dim=16,
                          z_dim=4, lr=1e-3, batch_size=64),
 }
+SPYLConfig.PRESETS = SPYL_PRESETS
 
 # %% ../nbs/07_spyl.ipynb #55f99cdc
 class SPYLOutput(NamedTuple):
