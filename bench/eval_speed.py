@@ -1,14 +1,16 @@
 """Evaluation speed vs training speed, measured in one process.
 
-Times (1) one training epoch of the DBSE `sprites-cpu` preset over the 9000 Sprites training sequences
-(train + val characters) at 32x32, and (2) the full judge protocol (`paper_protocol`: 5 repeats, both
+Times (1) one training epoch of a DBSE preset (`--preset`: `sprites-cpu` at 32x32, default, or the paper's `sprites`
+at 64x64) over the 9000 Sprites training sequences (train + val characters), and (2) the full judge protocol (`paper_protocol`: 5 repeats, both
 generation directions, both swaps, IS/H(y|x)/H(y)) on the 2664-sequence test split with the same model.
 The protocol is timed twice: the papers' two directions only (`swaps=False`) and with both swaps added
 (the MSD swap variant). Prints the times and their ratios. The model is freshly initialised (the timing does not
-depend on the weights). `--train-steps N` / `--repeats-timed k` time a part and scale it linearly (said so).
+depend on the weights); so is the judge when no trained judge of the preset's frame size is found (said so; the
+64x64 judge is the official layout). `--train-steps N` / `--repeats-timed k` time a part and scale it linearly
+(said so).
 
-    python bench/eval_speed.py [--threads 1] [--judge <SEQDIS_CACHE>/judges/sprites32.pt] [--train-steps N]
-                               [--repeats-timed k]
+    python bench/eval_speed.py [--preset sprites-cpu|sprites] [--threads 2] [--judge <SEQDIS_CACHE>/judges/sprites32.pt]
+                               [--train-steps N] [--repeats-timed k]
 """
 import argparse, os, time
 from pathlib import Path
@@ -43,8 +45,10 @@ def count_flops(model, judge, x) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--preset', default='sprites-cpu', choices=['sprites-cpu', 'sprites'])
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--judge', default=str(Path(os.environ.get('SEQDIS_CACHE', Path.home() / '.cache' / 'seqdis_nb')) / 'judges' / 'sprites32.pt'))
+    ap.add_argument('--judge', default=None, help='trained judge (default: <SEQDIS_CACHE>/judges/sprites32.pt for '
+                    'sprites-cpu; an untrained judge of the right layout otherwise)')
     ap.add_argument('--repeats', type=int, default=5)
     ap.add_argument('--train-steps', type=int, default=None, help='time only N steps and scale to the epoch')
     ap.add_argument('--repeats-timed', type=int, default=None, help='time only k repeats and scale to --repeats')
@@ -52,15 +56,20 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    cfg = DBSEConfig.preset('sprites-cpu')
+    cfg = DBSEConfig.preset(a.preset)
+    cache = Path(os.environ.get('SEQDIS_CACHE', Path.home() / '.cache' / 'seqdis_nb'))
+    if a.judge is None and cfg.image_size == 32: a.judge = str(cache / 'judges' / 'sprites32.pt')
     t0 = time.time()
     bundle = load_sprites(size=cfg.image_size)       # frames area-downsampled once, in memory: no I/O is timed below
     prep = time.time() - t0
     model = DBSE(cfg)
-    try: judge = load_judge(a.judge)
+    try:
+        if a.judge is None: raise ValueError(f'no trained judge given for {cfg.image_size}x{cfg.image_size}')
+        judge = load_judge(a.judge)
     except ValueError as e:
-        print(f'({e}; timing an untrained small judge instead)')
-        judge = Judge.for_dataset(bundle.info, 'small')
+        layout = {32: 'small', 64: 'sprites'}[cfg.image_size]
+        print(f'({e}; timing an untrained {layout!r} judge instead: the time does not depend on its weights)')
+        judge = Judge.for_dataset(bundle.info, layout)
     judge.eval()
 
     xs = torch.cat([split_at_size(s, cfg.image_size)[0] for s in (bundle.train, bundle.val)])   # (9000, T, C, 32, 32) uint8
@@ -86,13 +95,14 @@ def main():
         times[swaps] = (time.time() - t0) * a.repeats / k
 
     scaled = lambda cond, what: '' if not cond else f' (scaled from {what})'
-    print(f"torch {torch.__version__}, {a.threads} threads; data prep (Sprites at 32x32, not timed below) {prep:.1f} s")
+    print(f"torch {torch.__version__}, {a.threads} threads, load average {os.getloadavg()[0]:.2f}; data prep (Sprites at "
+          f"{cfg.image_size}x{cfg.image_size}, not timed below) {prep:.1f} s")
     ep_f = flops['train_step'] * len(xs)
     for m, name in ((2, 'both directions'), (4, 'directions + swaps')):
         pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{m}'] + m * flops['judge'])
         print(f"FLOPs: epoch {ep_f / 1e12:.2f} T; protocol ({name}) {pr_f / 1e12:.2f} T "
               f"(judge {a.repeats * len(bundle.test) * m * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
-    print(f"training epoch   sprites-cpu, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
+    print(f"training epoch   {a.preset}, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
           f"{scaled(a.train_steps is not None, f'{len(steps)} steps')}: {train_t:7.1f} s")
     for swaps, name in ((False, 'both directions, IS/H'), (True, 'both directions + both swaps, IS/H, MSD')):
         t = times[swaps]

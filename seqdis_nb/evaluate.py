@@ -82,12 +82,21 @@ def _model_input(model, split: SeqSplit, idx, device) -> torch.Tensor:
     n = model_frame_size(model)
     return x if n is None else resize_video(x, n)
 
-def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True) -> dict:
+def _frame_features(model, x: torch.Tensor):
+    """Per-element features h (B, T, g) of x for a model whose `encode` is `_posterior(_features(x))` (DBSE, SPYL):
+    the deterministic part of the posterior, computed once per batch and shared by the protocol's repeats.
+    None for other models (then `_generate` calls `encode` every time)."""
+    if not (hasattr(model, '_features') and hasattr(model, '_posterior')): return None
+    x = model.validate_input(x)
+    return model._features(x.to(next(model.parameters()).dtype))
+
+def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True, h: torch.Tensor | None = None) -> dict:
     """The generated sequences for a batch x (B, T, ...), in `MODES` order (without the swaps if `swaps=False`).
     The posterior is computed once and shared (what `fix_dynamics_sample_static`, `fix_static_sample_dynamics(
     prior_means=True)` and `swap` would each recompute), and all generations are decoded in one batch:
-    s ~ N(0, I) from the evaluation generator, d from the means of the prior rollout."""
-    post = model.encode(x, generator=g)
+    s ~ N(0, I) from the evaluation generator, d from the means of the prior rollout. `h`: x's frame features from
+    `_frame_features` (the same posterior as `encode(x, generator=g)`, without re-running the frame encoder)."""
+    post = model.encode(x, generator=g) if h is None else model._posterior(h, generator=g)
     B, T = x.shape[:2]
     s_new = torch.randn(post.s_mean.shape, generator=g, device=g.device, dtype=post.s_mean.dtype).to(x.device)
     d_new = model.prior_rollout(B, T, generator=g).mean                      # (B, T, z)
@@ -100,20 +109,27 @@ def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True) ->
     return dict(zip(MODES, y.split(B)))
 
 # %% ../nbs/06_evaluate.ipynb #4d66e7c9
-def judge_generations(model, judge: Judge, split: SeqSplit, generator: torch.Generator, batch_size: int = 256,
-                      device=None, swaps: bool = True) -> dict:
-    "One pass over `split` in order: {mode: [judge softmax (N, K_f) per factor]} and the source labels."
+def judge_generations(model, judge: Judge, split: SeqSplit, generator, batch_size: int = 256,
+                      device=None, swaps: bool = True, progress: bool = False):
+    """One pass over `split` in order: {mode: [judge softmax (N, K_f) per factor]}. `generator`: a torch.Generator,
+    or a list of them (one result per generator, in a list): the repeats then share each batch's input and frame
+    features, and every generator sees exactly the draws it would see in a pass of its own (same results)."""
+    from tqdm.auto import tqdm
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
     dev = get_device(device) if device is not None else next(model.parameters()).device
     modes = MODES if swaps else MODES[:2]
-    probs = {m: [[] for _ in judge.factors] for m in modes}
+    probs = [{m: [[] for _ in judge.factors] for m in modes} for _ in gens]
     with torch.inference_mode():
-        for a in range(0, len(split), batch_size):
+        for a in tqdm(range(0, len(split), batch_size), desc='judging generations', disable=not progress, leave=False):
             x = _model_input(model, split, np.arange(a, min(a + batch_size, len(split))), dev)
-            ys = _generate(model, x, generator, swaps)
-            logits = judge(torch.cat(list(ys.values())).clamp(0, 1))            # one judge pass for all modes
-            for j, l in enumerate(logits):
-                for m, p in zip(modes, l.float().softmax(-1).cpu().split(len(x))): probs[m][j].append(p)
-    return {m: [torch.cat(p) for p in ps] for m, ps in probs.items()}
+            h = _frame_features(model, x)                                       # once per batch, for every generator
+            for g, pr in zip(gens, probs):
+                ys = _generate(model, x, g, swaps, h)
+                logits = judge(torch.cat(list(ys.values())).clamp(0, 1))        # one judge pass for all modes
+                for j, l in enumerate(logits):
+                    for m, p in zip(modes, l.float().softmax(-1).cpu().split(len(x))): pr[m][j].append(p)
+    out = [{m: [torch.cat(p) for p in ps] for m, ps in pr.items()} for pr in probs]
+    return out if isinstance(generator, (list, tuple)) else out[0]
 
 def two_factor_score(acc: dict, kept, classes: dict) -> float:
     """The MSD two-factor score of one group: 1 - (mean_{f kept} |acc_f - 1| + mean_{f not kept} |acc_f - 1/K_f|)/2.
@@ -134,7 +150,6 @@ def paper_protocol(model, judge: Judge, split: SeqSplit, repeats: int = 5, seed:
     """The judge protocol on `split` (all of it, in order), `repeats` times with generators seeded seed..seed+repeats-1:
     accuracy per factor and mode, IS/H(y|x)/H(y) per factor and mode, the MSD two-factor scores; mean and std.
     `swaps=False`: only the papers' two directions (no swap modes, no swap variant of the MSD score)."""
-    from tqdm.auto import tqdm
     if not isinstance(repeats, int) or repeats < 1: raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     info = split.info
     if info.kind != 'video': raise ValueError(f"the judge protocol needs a video split, got {info.kind!r}")
@@ -148,9 +163,8 @@ def paper_protocol(model, judge: Judge, split: SeqSplit, repeats: int = 5, seed:
     was = model.training; model.eval(); judge.eval()
     t0 = time.time()
     try:
-        for r in tqdm(range(repeats), desc='protocol repeats', disable=not progress, leave=False):
-            g = make_generator(seed + r, dev)
-            probs = judge_generations(model, judge, split, g, batch_size, dev, swaps)
+        gens = [make_generator(seed + r, dev) for r in range(repeats)]             # repeat r: its own generator
+        for probs in judge_generations(model, judge, split, gens, batch_size, dev, swaps, progress):
             run = {'accuracy': {}, 'scores': {}}
             for m, ps in probs.items():
                 run['accuracy'][m] = {f: float((p.argmax(1).numpy() == y[:, j]).mean()) for j, (f, p) in enumerate(zip(judge.factors, ps))}

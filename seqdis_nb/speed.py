@@ -163,7 +163,7 @@ def conv_decode(decoder: nn.Module, c: torch.Tensor) -> torch.Tensor:
         convt, bn, act = block.main
         h = act(bn(conv4x4s2_gemm(convt, h) if i == 0 else convt(h)))  # doubles H and W (4x4 -> 8x8 by GEMMs)
     convt, sigmoid = last
-    return sigmoid(convt(h)).contiguous()                            # (N, C, S, S)
+    return sigmoid(convt(h))      # (N, C, S, S) channels-last strides: no NCHW copy (the step's peak memory)
 
 # %% ../nbs/03a_speed.ipynb #286e4cb6
 def prior_lstm(cell1: nn.LSTMCell, cell2: nn.LSTMCell, d: torch.Tensor) -> torch.Tensor:
