@@ -15,6 +15,7 @@ from torch import nn
 
 from .core import check_tensor, get_device, positive
 from .data import DatasetInfo, SeqSplit, DataBundle, load_dataset
+from .train import atomic_write
 
 # %% auto #0
 __all__ = ['JUDGE_PRESETS', 'HEAD_ALIASES', 'JUDGE_FORMAT', 'JudgeConfig', 'JudgeConv', 'JudgeEncoder', 'Judge', 'resize_video',
@@ -199,18 +200,9 @@ def judge_accuracy(judge: Judge, x: torch.Tensor, y: torch.Tensor, batch_size: i
     judge.train(was)
     return {f: float(h) / max(len(x), 1) for f, h in zip(judge.factors, hits)}
 
-def _atomic_torch_save(obj, path: Path):
-    "Write `obj` to `path` atomically: temp file, fsync, rename, fsync of the folder; a failed write leaves no temp file."
-    path = Path(path); tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True); raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
+def _atomic_torch_save(obj, path: Path) -> Path:
+    "`torch.save(obj)` to `path` through the trainer's `atomic_write` (temp file, fsync, rename; no temp file left on failure)."
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 # %% ../nbs/05_judge.ipynb #3360d0c5
 def train_judge(bundle: DataBundle, config: JudgeConfig | str = 'small', out=None, epochs: int | None = None,

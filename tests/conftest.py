@@ -20,3 +20,19 @@ def run_cli(*args, timeout=600, env=None, **kw):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a test module (tiny tensors: a second thread mostly spins on a shared 2-core machine);
+    restored afterwards. Modules opt in with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def shapes():
+    "The procedural Shapes set at 16x16 (deterministic from its seed), built once and shared by the test modules."
+    from seqdis_nb.data import make_shapes
+    return make_shapes(size=16)

@@ -16,12 +16,7 @@ from seqdis_nb.evaluate import (balanced_subset, entropy_y, entropy_y_given_x, e
 from seqdis_nb.judge import Judge, JudgeConfig
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 # ------------------------------------------------------------------ IS / H on hand-made probability matrices
 
@@ -195,8 +190,7 @@ def test_protocol_refuses_a_judge_of_other_data(synthetic):
     with pytest.raises(ValueError, match='repeats'): paper_protocol(CodeModel(), OracleJudge(), synthetic, repeats=0)
 
 
-def test_protocol_is_reproducible_and_leaves_the_training_rng_alone():
-    shapes = make_shapes(size=16)
+def test_protocol_is_reproducible_and_leaves_the_training_rng_alone(shapes):
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
     judge = Judge.for_dataset(shapes.info, 'tiny').eval()
@@ -248,10 +242,9 @@ def test_write_report_files(tmp_path, synthetic):
 
 # ------------------------------------------------------------------ seqdis eval end to end
 
-def test_cli_eval_writes_report_and_pngs(cli, tmp_path, capsys):
+def test_cli_eval_writes_report_and_pngs(cli, tmp_path, capsys, shapes):
     from seqdis_nb.judge import save_judge, train_judge
     from seqdis_nb.train import save_checkpoint
-    shapes = make_shapes(size=16)
     torch.manual_seed(0)
     model = DBSE(DBSEConfig.preset('shapes-quick', image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4))
     save_checkpoint(tmp_path / 'm.pt', model, None, dataset='shapes')

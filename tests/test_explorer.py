@@ -13,16 +13,8 @@ from seqdis_nb.explorer import (Explorer, explore_frames, explore_path, mix_code
 
 TINY = dict(image_size=16, nf=8, g_dim=16, rnn_dim=8, f_dim=8, z_dim=4)
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny tensors: one thread avoids stalls on a shared machine; the setting is restored after this module."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
-@pytest.fixture(scope='module')
-def shapes():
-    return make_shapes(size=16)
 
 @pytest.fixture(scope='module')
 def model():

@@ -12,17 +12,9 @@ from seqdis_nb.judge import (Judge, JudgeConfig, JudgeError, check_judge, judge_
 FIX = Path(__file__).parent / 'fixtures'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "These tests run on one thread (a second mostly spins on a shared 2-core machine); restored afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
-@pytest.fixture(scope='module')
-def shapes():
-    return make_shapes(size=16)
 
 
 @pytest.fixture(scope='module')
@@ -161,4 +153,4 @@ def test_corrupt_resume_state_and_failed_write(tmp_path, shapes, monkeypatch):
     def full(*a, **k): raise OSError(28, 'No space left on device')
     monkeypatch.setattr(J.torch, 'save', full)
     with pytest.raises(OSError, match='No space left'): J._atomic_torch_save({'a': 1}, st)
-    assert st.read_bytes() == good and not list(tmp_path.glob('*.tmp*'))
+    assert st.read_bytes() == good and not [p for p in tmp_path.iterdir() if 'tmp' in p.name]

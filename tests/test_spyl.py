@@ -13,11 +13,7 @@ from seqdis_nb.spyl import (SPYL, SPYL_PRESETS, SPYLConfig, hardest_negatives, i
 FIXTURES = Path(__file__).parent / 'fixtures'
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def gen(seed=0): return torch.Generator().manual_seed(seed)
