@@ -20,7 +20,7 @@ import torch
 
 from seqdis_nb.data import load_sprites
 from seqdis_nb.dbse import DBSE, DBSEConfig
-from seqdis_nb.evaluate import _generate, paper_protocol
+from seqdis_nb.evaluate import _frame_features, _generate, paper_protocol
 from seqdis_nb.judge import Judge, load_judge, split_at_size
 
 
@@ -36,8 +36,10 @@ def count_flops(model, judge, x) -> dict:
     model.zero_grad(set_to_none=True); model.eval()
     with torch.inference_mode():
         g = torch.Generator().manual_seed(0)
-        out['generate_2'] = cnt(lambda: _generate(model, x, g, swaps=False))
-        out['generate_4'] = cnt(lambda: _generate(model, x, g, swaps=True))
+        h = _frame_features(model, x)                    # as in the protocol: once per sequence, shared by the repeats
+        out['features'] = cnt(lambda: _frame_features(model, x))
+        out['generate_2'] = cnt(lambda: _generate(model, x, g, swaps=False, h=h))
+        out['generate_4'] = cnt(lambda: _generate(model, x, g, swaps=True, h=h))
         out['judge'] = cnt(lambda: judge(x))
     model.train()
     return out
@@ -99,7 +101,7 @@ def main():
           f"{cfg.image_size}x{cfg.image_size}, not timed below) {prep:.1f} s")
     ep_f = flops['train_step'] * len(xs)
     for m, name in ((2, 'both directions'), (4, 'directions + swaps')):
-        pr_f = a.repeats * len(bundle.test) * (flops[f'generate_{m}'] + m * flops['judge'])
+        pr_f = len(bundle.test) * (flops['features'] + a.repeats * (flops[f'generate_{m}'] + m * flops['judge']))
         print(f"FLOPs: epoch {ep_f / 1e12:.2f} T; protocol ({name}) {pr_f / 1e12:.2f} T "
               f"(judge {a.repeats * len(bundle.test) * m * flops['judge'] / 1e12:.2f} T); ratio {pr_f / ep_f:.3f}")
     print(f"training epoch   {a.preset}, {len(xs)} seqs, batch {cfg.batch_size}, {len(starts)} steps"
