@@ -45,6 +45,34 @@ def count_flops(model, judge, x) -> dict:
     return out
 
 
+def median_time(f, reps: int = 3) -> float:
+    f()                                                   # warm-up (oneDNN primitive creation)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def components(model, judge, x) -> list:
+    """(name, plain s, fast s) of the protocol's parts on one batch x of test sequences: the frame features, the
+    decode of the two directions (2 * len(x) sequences) and the judge pass over them, each by the plain modules
+    (a `config.fast=False` twin with the same weights; `judge.fast = False`) and by the path the protocol uses."""
+    from dataclasses import replace
+    from seqdis_nb.speed import conv_decode
+    plain = DBSE(replace(model.config, fast=False)); plain.load_state_dict(model.state_dict()); plain.eval()
+    B, T = x.shape[:2]
+    c = torch.randn(2 * B * T, model.config.z_dim + model.config.f_dim, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(2 * B, *x.shape[1:], generator=torch.Generator().manual_seed(2))
+    def judged(fast):
+        judge.fast = fast
+        try: return median_time(lambda: judge(y))
+        finally: judge.fast = True
+    with torch.inference_mode():
+        return [('frame features', median_time(lambda: plain.frame_features(x)), median_time(lambda: model.frame_features(x))),
+                ('decode, 2 directions', median_time(lambda: plain.decoder(c)), median_time(lambda: conv_decode(model.decoder, c))),
+                ('judge, 2 directions', judged(False), judged(True))]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--preset', default='sprites-cpu', choices=['sprites-cpu', 'sprites'])
@@ -89,6 +117,7 @@ def main():
     train_t = (time.time() - t0) * len(starts) / len(steps)
     model.eval()
 
+    parts = components(model, judge, split_at_size(bundle.test.subset(range(256)), cfg.image_size)[0].float() / 255)
     k = a.repeats if a.repeats_timed is None else a.repeats_timed
     times = {}
     for swaps in (False, True):
@@ -111,6 +140,10 @@ def main():
         print(f"judge protocol   {res['n']} test seqs x {a.repeats} repeats ({name})"
               f"{scaled(k != a.repeats, f'{k} repeat(s)')}: {t:7.1f} s   ratio to the epoch {t / train_t:.3f}"
               f" ({'faster' if t < train_t else 'SLOWER'})")
+
+    print(f"per batch of 256 test sequences (median of 3):")
+    for name, plain, fast in parts:
+        print(f"  {name:22s} plain modules {plain:6.3f} s   inference path {fast:6.3f} s   speed-up {plain / fast:.2f}x")
 
 if __name__ == '__main__':
     main()

@@ -6,6 +6,7 @@ minutes, then judge every checkpoint with the paper protocol (issue 8 part 3).
                               --judge <SEQDIS_CACHE>/judges/sprites32.pt --stride 8 --repeats 1 --out curve.json
     python bench/ttd.py plot  --curve curve*.json --png curve.png        # the curve and its Markdown table
     python bench/ttd.py report --checkpoint .../seed0/ck_10.pt --judge ... --stride 8 --repeats 5 --out report
+    python bench/ttd.py confusion --checkpoint .../seed*/ck_10.pt --judge ... --repeats 5 --out confusion.json
 
 `train` runs `Trainer.train_step` in a plain loop (no per-epoch validation pass, so every second goes to training)
 and, each time `--every` more minutes of wall time have passed since the first step, writes `ck_NN.pt` (a normal
@@ -13,7 +14,9 @@ trainer checkpoint) and appends its wall minutes, process CPU minutes (`time.pro
 the machine load (`os.getloadavg`) to `log.json`. Both clocks count training only (not loading the data).
 `eval` judges checkpoints on the test split (held-out characters; `--stride N`: every N-th sequence) in the two
 paper-protocol modes the criterion needs (`criterion_generations`), `--repeats` times with evaluation generators;
-`report` writes the full `seqdis eval` report (`evaluate`, all four modes, IS/entropies, MSD) of one checkpoint.
+`report` writes the full `seqdis eval` report (`evaluate`, all four modes, IS/entropies, MSD) of one checkpoint;
+`confusion` the judged-vs-true action confusion with s resampled (and of the reconstructions), split into motion and
+direction. `train --set w_kl_s=4 ...` overrides fields of the preset's config; `train --model spyl` trains the SPYL baseline.
 """
 import argparse, json, os, sys, time
 from pathlib import Path
@@ -53,19 +56,29 @@ def train_for(tr: Trainer, minutes: float, every: float, log: dict, say=print) -
         tr.epoch += 1
 
 
+def parse_override(kv: str) -> tuple:
+    "'w_kl_s=4' -> ('w_kl_s', 4.0): a DBSEConfig field and a number (int if it has no point) or a word."
+    k, sep, v = kv.partition('=')
+    if not sep or not k: raise ValueError(f"--set takes field=value, got {kv!r}")
+    for conv in (int, float):
+        try: return k, conv(v)
+        except ValueError: pass
+    return k, {'true': True, 'false': False}.get(v.lower(), v)
+
+
 def cmd_train(a) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     if (out / 'log.json').exists(): raise ValueError(f"{out} already holds a run (log.json): choose another --out")
     seed_everything(a.seed)
-    model = build_model('dbse', a.preset)
+    model = build_model(a.model, a.preset, **dict(parse_override(kv) for kv in a.set))
     size = model.config.image_size
     data = load_dataset('sprites', size=size)
     tr = Trainer(model, data, out, seed=a.seed, dataset='sprites', progress=False)
-    log = {'preset': a.preset, 'config': model.config.to_dict(), 'seed': a.seed, 'threads': a.threads,
+    log = {'model': a.model, 'preset': a.preset, 'overrides': a.set, 'config': model.config.to_dict(), 'seed': a.seed, 'threads': a.threads,
            'batch_size': tr.batch_size, 'lr': tr.lr, 'minutes': a.minutes, 'every': a.every, 'checkpoints': [],
            'load_start': os.getloadavg()}
-    print(f"seed {a.seed}: {a.preset} on sprites {size}x{size}, {len(data.train)} train sequences, batch "
+    print(f"seed {a.seed}: {a.model} {a.preset} on sprites {size}x{size}, {len(data.train)} train sequences, batch "
           f"{tr.batch_size}, {a.threads} thread(s); load {os.getloadavg()}", flush=True)
     train_for(tr, a.minutes, a.every, log, say=lambda m: print(m, flush=True))
     return 0
@@ -88,6 +101,34 @@ def criterion_generations(model, judge, split, generator, batch_size: int = 128)
             for m, v in gen.items():
                 for j, l in enumerate(judge(v.clamp(0, 1))): hits[m][j] += (l.argmax(-1).cpu().numpy() == y[idx, j]).sum()
     return {m: {f: float(h[j] / len(split)) for j, f in enumerate(judge.factors)} for m, h in hits.items()}
+
+
+def action_confusion(model, judge, split, generator, batch_size: int = 128) -> dict:
+    """Confusion matrices (true, judged) of the dynamic factor (Sprites action, label 3 * motion + direction) for
+    'fix_dynamics' (d's posterior means kept, s ~ N(0, I): the criterion's dynamic half) and 'recon' (both posterior
+    means kept), on every sequence of `split`: {mode: int array (K, K)}."""
+    from seqdis_nb.evaluate import _labels, _model_input
+    y, dev, K = _labels(split)[:, 0], next(model.parameters()).device, judge.classes[0]
+    out = {m: np.zeros((K, K), np.int64) for m in ('fix_dynamics', 'recon')}
+    model.eval(); judge.eval()
+    with torch.inference_mode():
+        for a in range(0, len(split), batch_size):
+            idx = np.arange(a, min(a + batch_size, len(split)))
+            x = _model_input(model, split, idx, dev)
+            post = model.encode(x, generator=generator)
+            s_new = torch.randn(post.s_mean.shape, generator=generator, device=generator.device).to(dev)
+            gen = {'fix_dynamics': model.decode(s_new, post.d_mean), 'recon': model.decode(post.s_mean, post.d_mean)}
+            for m, v in gen.items():
+                np.add.at(out[m], (y[idx], judge(v.clamp(0, 1))[0].argmax(-1).cpu().numpy()), 1)
+    return out
+
+
+def confusion_summary(C: np.ndarray) -> dict:
+    "Accuracy of the 9 Sprites actions, and of their motion (label // 3) and direction (label % 3) parts alone."
+    C = np.asarray(C); k = np.arange(len(C))
+    same = lambda f: C[f(k)[:, None] == f(k)[None, :]].sum() / C.sum()
+    return {'action': float(np.trace(C) / C.sum()), 'motion': float(same(lambda v: v // 3)),
+            'direction': float(same(lambda v: v % 3))}
 
 
 def eval_point(model, judge, split, repeats: int, seed: int) -> dict:
@@ -141,6 +182,30 @@ def cmd_eval(a) -> int:
                   f"{c['step']}, {a.repeats} rep, {len(test)} seqs): action (s resampled) {100 * d:.1f} %, min static "
                   f"(d resampled) {100 * s:.1f} % [{pt['eval_seconds']:.0f} s]", flush=True)
         if a.wait <= 0: return 0
+
+
+def cmd_confusion(a) -> int:
+    """The action confusion (`action_confusion`) of each `--checkpoint` on the test split, `--repeats` generators
+    (seeded seed, seed + 1, ...; matrices summed), written to `--out` with the motion / direction split."""
+    from seqdis_nb.core import make_generator
+    from seqdis_nb.judge import check_judge, load_judge
+    torch.set_num_threads(a.threads)
+    judge = load_judge(a.judge)
+    test = test_subset(judge.config.image_size, a.stride)
+    check_judge(judge, test.info, judge.config.image_size)
+    res = {'n': len(test), 'stride': a.stride, 'repeats': a.repeats, 'seed': a.seed, 'classes': judge.classes[0],
+           'checkpoints': {}}
+    for ck in a.checkpoint:
+        model = load_model(ck)
+        runs = [action_confusion(model, judge, test, make_generator(a.seed + r)) for r in range(a.repeats)]
+        row = {m: {'matrix': sum(r[m] for r in runs).tolist(),
+                   'per_repeat': [confusion_summary(r[m]) for r in runs]} for m in runs[0]}
+        for m in row: row[m]['summary'] = confusion_summary(np.array(row[m]['matrix']))
+        res['checkpoints'][str(ck)] = row
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        f = lambda m: ', '.join(f"{k} {100 * v:.1f} %" for k, v in row[m]['summary'].items())
+        print(f"{ck}: s resampled: {f('fix_dynamics')} | reconstruction: {f('recon')}", flush=True)
+    return 0
 
 
 def cmd_report(a) -> int:
@@ -254,10 +319,12 @@ def parse_args(argv=None):
     t = sub.add_parser('train')
     t.add_argument('--seed', type=int, default=0)
     t.add_argument('--out', required=True)
+    t.add_argument('--model', default='dbse', choices=['dbse', 'spyl'])
     t.add_argument('--preset', default='sprites-cpu')
     t.add_argument('--minutes', type=float, default=30.0, help='wall-clock training budget')
     t.add_argument('--every', type=float, default=3.0, help='minutes of wall time between checkpoints')
     t.add_argument('--threads', type=int, default=1)
+    t.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE', help='DBSEConfig overrides, e.g. w_kl_s=4')
     e = sub.add_parser('eval')
     e.add_argument('--runs', nargs='+', required=True)
     e.add_argument('--judge', required=True)
@@ -280,6 +347,14 @@ def parse_args(argv=None):
     r.add_argument('--threads', type=int, default=1)
     r.add_argument('--tsne-n', type=int, default=300)
     r.add_argument('--no-figures', action='store_true')
+    c = sub.add_parser('confusion')
+    c.add_argument('--checkpoint', nargs='+', required=True)
+    c.add_argument('--judge', required=True)
+    c.add_argument('--out', required=True)
+    c.add_argument('--repeats', type=int, default=1)
+    c.add_argument('--stride', type=int, default=1)
+    c.add_argument('--seed', type=int, default=0)
+    c.add_argument('--threads', type=int, default=1)
     q = sub.add_parser('plot')
     q.add_argument('--curve', nargs='+', required=True, help='one or more eval --out files')
     q.add_argument('--png', required=True)
@@ -288,4 +363,5 @@ def parse_args(argv=None):
 
 if __name__ == '__main__':
     a = parse_args()
-    sys.exit({'train': cmd_train, 'eval': cmd_eval, 'report': cmd_report, 'plot': cmd_plot}[a.cmd](a))
+    sys.exit({'train': cmd_train, 'eval': cmd_eval, 'report': cmd_report, 'plot': cmd_plot,
+              'confusion': cmd_confusion}[a.cmd](a))

@@ -353,10 +353,14 @@ class DBSE(nn.Module):
         return Posterior(s_mean, s_logvar, reparameterize(s_mean, s_logvar, generator=generator),
                          d_mean, d_logvar, reparameterize(d_mean, d_logvar, generator=generator))
 
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        "The per-element features h (B, T, g) of x that the posterior reads (x validated, cast to the model's dtype)."
+        x = self.validate_input(x)
+        return self._features(x.to(next(self.parameters()).dtype))
+
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Posterior:
         "Posterior of x (B, T, ...): `s_mean, s_logvar, s` (B, f) and `d_mean, d_logvar, d` (B, T, z)."
-        x = self.validate_input(x)
-        return self._posterior(self._features(x.to(next(self.parameters()).dtype)), generator)
+        return self._posterior(self.frame_features(x), generator)
 
     # ---------------------------------------------------------------- prior
     def _prior_step(self, d_prev: torch.Tensor, state):

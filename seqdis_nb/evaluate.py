@@ -83,19 +83,20 @@ def _model_input(model, split: SeqSplit, idx, device) -> torch.Tensor:
     return x if n is None else resize_video(x, n)
 
 def _frame_features(model, x: torch.Tensor):
-    """Per-element features h (B, T, g) of x for a model whose `encode` is `_posterior(_features(x))` (DBSE, SPYL):
-    the deterministic part of the posterior, computed once per batch and shared by the protocol's repeats.
+    """Per-element features h (B, T, g) of x for a model whose `encode` is `_posterior(frame_features(x))` (DBSE,
+    SPYL): the deterministic part of the posterior, computed once per batch and shared by the protocol's repeats.
     None for other models (then `_generate` calls `encode` every time)."""
-    if not (hasattr(model, '_features') and hasattr(model, '_posterior')): return None
-    x = model.validate_input(x)
-    return model._features(x.to(next(model.parameters()).dtype))
+    if not (hasattr(model, 'frame_features') and hasattr(model, '_posterior')): return None
+    return model.frame_features(x)
 
-def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True, h: torch.Tensor | None = None) -> dict:
+def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True, h: torch.Tensor | None = None,
+              stacked: bool = False) -> dict | torch.Tensor:
     """The generated sequences for a batch x (B, T, ...), in `MODES` order (without the swaps if `swaps=False`).
     The posterior is computed once and shared (what `fix_dynamics_sample_static`, `fix_static_sample_dynamics(
     prior_means=True)` and `swap` would each recompute), and all generations are decoded in one batch:
     s ~ N(0, I) from the evaluation generator, d from the means of the prior rollout. `h`: x's frame features from
-    `_frame_features` (the same posterior as `encode(x, generator=g)`, without re-running the frame encoder)."""
+    `_frame_features` (the same posterior as `encode(x, generator=g)`, without re-running the frame encoder).
+    `stacked`: the decoded tensor (k*B, T, ...) itself, the modes one after another (no copy)."""
     post = model.encode(x, generator=g) if h is None else model._posterior(h, generator=g)
     B, T = x.shape[:2]
     s_new = torch.randn(post.s_mean.shape, generator=g, device=g.device, dtype=post.s_mean.dtype).to(x.device)
@@ -106,7 +107,7 @@ def _generate(model, x: torch.Tensor, g: torch.Generator, swaps: bool = True, h:
         S += [post.s_mean, post.s_mean[perm]]                                # swap_static: x_i's s, partner's d
         D += [post.d_mean[perm], post.d_mean]                                # swap_dynamics: partner's s, x_i's d
     y = model.decode(torch.cat(S), torch.cat(D))                             # (k*B, T, ...)
-    return dict(zip(MODES, y.split(B)))
+    return y if stacked else dict(zip(MODES, y.split(B)))
 
 # %% ../nbs/06_evaluate.ipynb #4d66e7c9
 def judge_generations(model, judge: Judge, split: SeqSplit, generator, batch_size: int = 256,
@@ -124,8 +125,8 @@ def judge_generations(model, judge: Judge, split: SeqSplit, generator, batch_siz
             x = _model_input(model, split, np.arange(a, min(a + batch_size, len(split))), dev)
             h = _frame_features(model, x)                                       # once per batch, for every generator
             for g, pr in zip(gens, probs):
-                ys = _generate(model, x, g, swaps, h)
-                logits = judge(torch.cat(list(ys.values())).clamp(0, 1))        # one judge pass for all modes
+                y = _generate(model, x, g, swaps, h, stacked=True)              # every mode, one after another
+                logits = judge(y.clamp(0, 1))                                   # one judge pass for all modes
                 for j, l in enumerate(logits):
                     for m, p in zip(modes, l.float().softmax(-1).cpu().split(len(x))): pr[m][j].append(p)
     out = [{m: [torch.cat(p) for p in ps] for m, ps in pr.items()} for pr in probs]

@@ -15,6 +15,7 @@ from torch import nn
 
 from .core import check_tensor, get_device, positive
 from .data import DatasetInfo, SeqSplit, DataBundle, load_dataset
+from .speed import fold_bn
 from .train import atomic_write
 
 # %% auto #0
@@ -92,6 +93,16 @@ class JudgeEncoder(nn.Module):
         for i in range(self.n_blocks + 1): x = getattr(self, f'c{i + 1}')(x)
         return x.flatten(1)                                                      # (N, g_dim, 1, 1) -> (N, g_dim)
 
+    def forward_folded(self, x):
+        """`forward` of an eval-mode encoder with every BatchNorm folded into its convolution (`speed.fold_bn`) and the
+        frames channels-last (oneDNN's native layout): the same function up to float rounding, about twice as fast."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i in range(self.n_blocks + 1):
+            block = getattr(self, f'c{i + 1}')
+            conv, bn, act = block.main if isinstance(block, JudgeConv) else block
+            x = act(F.conv2d(x, *fold_bn(conv, bn), conv.stride, conv.padding))
+        return x.flatten(1)
+
 def _head_name(factor: str) -> str: return 'cls_' + HEAD_ALIASES.get(factor, factor)
 _OFFICIAL_ORDER = ['cls_skin', 'cls_top', 'cls_pant', 'cls_hair', 'cls_action']   # classifier_Sprite_all.__init__
 
@@ -112,6 +123,7 @@ class Judge(nn.Module):
         if len(set(map(_head_name, factors))) != len(factors): raise ValueError(f"factor names must be distinct, got {factors}")
         if not 0 <= n_dynamic <= len(factors): raise ValueError(f"n_dynamic must be in [0, {len(factors)}], got {n_dynamic}")
         self.factors, self.classes, self.n_dynamic, self.meta = factors, classes, int(n_dynamic), dict(meta or {})
+        self.fast = True          # eval mode: the encoder with folded BatchNorms (`JudgeEncoder.forward_folded`)
         H = cfg.rnn_dim
         self.encoder = JudgeEncoder(cfg.g_dim, cfg.channels, cfg.image_size, cfg.nf)
         self.bilstm = nn.LSTM(cfg.g_dim, H, 1, bidirectional=True, batch_first=True)
@@ -148,7 +160,9 @@ class Judge(nn.Module):
         x = self.validate_input(x)
         B, T = x.shape[:2]
         p = next(self.parameters())
-        h = self.encoder(x.reshape(B * T, *x.shape[2:]).to(p.dtype) * self.config.input_scale).view(B, T, -1)  # (B, T, g)
+        frames = x.reshape(B * T, *x.shape[2:]).to(p.dtype) * self.config.input_scale        # (B*T, C, H, W)
+        enc = self.encoder.forward_folded if self.fast and not self.training else self.encoder
+        h = enc(frames).view(B, T, -1)                                           # (B, T, g)
         out = self.bilstm(h)[0]                                                  # (B, T, 2H)
         H = self.config.rnn_dim
         z = torch.cat([out[:, -1, :H], out[:, 0, H:]], dim=1)                    # (B, 2H): last forward, first backward

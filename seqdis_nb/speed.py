@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['bn_apply', 'conv4x4_as_linear', 'convt4x4_as_linear', 'convs_to_channels_last', 'Conv4x4s2GEMM', 'ConvT4x4s2GEMM',
-           'conv4x4s2_gemm', 'conv_encode', 'conv_decode', 'prior_lstm']
+__all__ = ['bn_apply', 'fold_bn', 'conv4x4_as_linear', 'convt4x4_as_linear', 'convs_to_channels_last', 'Conv4x4s2GEMM',
+           'ConvT4x4s2GEMM', 'conv4x4s2_gemm', 'conv_encode', 'conv_decode', 'prior_lstm']
 
 # %% ../nbs/03a_speed.ipynb #49c02279
 def bn_apply(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -22,21 +22,39 @@ def bn_apply(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tens
     if bn.training: bn.num_batches_tracked.add_(1)
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
 
+# %% ../nbs/03a_speed.ipynb #0d2cd471
+def fold_bn(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(weight, bias) of the single convolution equal to eval-mode `bn(conv(x))`: conv's output channels scaled by
+    gamma / sqrt(running_var + eps), the bias shifted; the weight channels-last. Differentiable in the parameters."""
+    if bn.training: raise ValueError("fold_bn needs an eval-mode BatchNorm (train mode normalises by batch statistics)")
+    if not (bn.affine and bn.track_running_stats):
+        raise ValueError("fold_bn needs an affine BatchNorm with tracked running statistics")
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)                # (O,)
+    shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)   # where O sits in the weight
+    weight = (conv.weight * scale.view(shape)).contiguous(memory_format=torch.channels_last)
+    bias = bn.bias - bn.running_mean * scale if conv.bias is None else bn.bias + (conv.bias - bn.running_mean) * scale
+    return weight, bias
+
 # %% ../nbs/03a_speed.ipynb #37f9b223
-def conv4x4_as_linear(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    "A valid k x k `conv` of a k x k map h (N, C, k, k) as one matmul: (N, O)."
-    O = conv.weight.shape[0]
-    if tuple(h.shape[2:]) != tuple(conv.weight.shape[2:]):
+def conv4x4_as_linear(conv: nn.Conv2d, h: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    "A valid k x k `conv` of a k x k map h (N, C, k, k) as one matmul: (N, O). `weight`, `bias`: used instead of conv's."
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None else bias
+    O = weight.shape[0]
+    if tuple(h.shape[2:]) != tuple(weight.shape[2:]):
         raise ValueError(f"h must be (N, C, k, k) with k x k the kernel size, got {tuple(h.shape)}")
     rows = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)            # (N, k*k*C), (row, col, channel) order
-    w = conv.weight.permute(0, 2, 3, 1).reshape(O, -1)                # (O, k*k*C), same order
-    return torch.addmm(conv.bias, rows, w.t())                        # (N, O)
+    w = weight.permute(0, 2, 3, 1).reshape(O, -1)                     # (O, k*k*C), same order
+    return torch.addmm(bias, rows, w.t())                             # (N, O)
 
-def convt4x4_as_linear(convt: nn.ConvTranspose2d, c: torch.Tensor) -> torch.Tensor:
-    "A valid k x k transposed `convt` of codes c (N, in) (1x1 maps) as one matmul: (N, out, k, k), channels-last."
-    cin, cout, k, _ = convt.weight.shape
-    w = convt.weight.permute(0, 2, 3, 1).reshape(cin, -1)            # (in, k*k*out), (row, col, channel) order
-    h = torch.addmm(convt.bias.repeat(k * k), c, w)                   # (N, k*k*out)
+def convt4x4_as_linear(convt: nn.ConvTranspose2d, c: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """A valid k x k transposed `convt` of codes c (N, in) (1x1 maps) as one matmul: (N, out, k, k), channels-last.
+    `weight`, `bias`: used instead of convt's (a BatchNorm folded in, see `fold_bn`)."""
+    weight = convt.weight if weight is None else weight
+    bias = convt.bias if bias is None else bias
+    cin, cout, k, _ = weight.shape
+    w = weight.permute(0, 2, 3, 1).reshape(cin, -1)                   # (in, k*k*out), (row, col, channel) order
+    h = torch.addmm(bias.repeat(k * k), c, w)                         # (N, k*k*out)
     return h.view(-1, k, k, cout).permute(0, 3, 1, 2)                 # (N, out, k, k) with channels-last strides
 
 # %% ../nbs/03a_speed.ipynb #f908c303
@@ -137,11 +155,12 @@ class ConvT4x4s2GEMM(torch.autograd.Function):
             gw.addmm_(xl[a:b].reshape(-1, C).t(), gcols)
         return gx.permute(0, 3, 1, 2), gw.view(C, 4, 4, O).permute(0, 3, 1, 2), gp[:, 1:-1, 1:-1].sum((0, 1, 2))
 
-def conv4x4s2_gemm(conv: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    "`conv(x)` for a 4x4/2/1 `nn.Conv2d` or `nn.ConvTranspose2d`, computed by `Conv4x4s2GEMM`/`ConvT4x4s2GEMM`."
+def conv4x4s2_gemm(conv: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """`conv(x)` for a 4x4/2/1 `nn.Conv2d` or `nn.ConvTranspose2d`, computed by `Conv4x4s2GEMM`/`ConvT4x4s2GEMM`.
+    `weight`, `bias`: used instead of conv's (of the same shapes)."""
     _check_4x4s2(conv)
     fn = ConvT4x4s2GEMM if isinstance(conv, nn.ConvTranspose2d) else Conv4x4s2GEMM
-    return fn.apply(x, conv.weight, conv.bias)
+    return fn.apply(x, conv.weight if weight is None else weight, conv.bias if bias is None else bias)
 
 # %% ../nbs/03a_speed.ipynb #0b138cbe
 def conv_encode(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,14 +173,25 @@ def conv_encode(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     conv, bn, act = head
     return act(bn_apply(bn, conv4x4_as_linear(conv, h)))             # (N, g)
 
+def _conv_bn_act(conv, bn, act, x: torch.Tensor, apply) -> torch.Tensor:
+    """act(bn(apply(conv, x, weight, bias))); an eval-mode bn is folded into the weight and bias instead (`fold_bn`),
+    and the LeakyReLU then runs out of place (the GEMM function's output is a view autograd must not see modified)."""
+    if bn.training: return act(bn(apply(conv, x, conv.weight, conv.bias)))
+    return F.leaky_relu(apply(conv, x, *fold_bn(conv, bn)), act.negative_slope)
+
+def _convt(convt: nn.ConvTranspose2d, h: torch.Tensor, weight, bias) -> torch.Tensor:
+    return F.conv_transpose2d(h, weight, bias, convt.stride, convt.padding, convt.output_padding, convt.groups,
+                              convt.dilation)
+
 def conv_decode(decoder: nn.Module, c: torch.Tensor) -> torch.Tensor:
-    "`ConvFrameDecoder` `decoder` on codes c (N, in) -> frames (N, C, S, S): the 4x4 start by GEMMs, channels-last."
+    """`ConvFrameDecoder` `decoder` on codes c (N, in) -> frames (N, C, S, S): the 4x4 start by GEMMs, channels-last;
+    in eval mode every BatchNorm folded into the transposed convolution before it (one pass less per layer)."""
     _unflatten, first, *blocks, last = decoder.children()
     convt, bn, act = first
-    h = act(bn(convt4x4_as_linear(convt, c)))                         # (N, C', 4, 4) channels-last
+    h = _conv_bn_act(convt, bn, act, c, convt4x4_as_linear)          # (N, C', 4, 4) channels-last
     for i, block in enumerate(blocks):
         convt, bn, act = block.main
-        h = act(bn(conv4x4s2_gemm(convt, h) if i == 0 else convt(h)))  # doubles H and W (4x4 -> 8x8 by GEMMs)
+        h = _conv_bn_act(convt, bn, act, h, conv4x4s2_gemm if i == 0 else _convt)  # doubles H and W (4x4 -> 8x8 by GEMMs)
     convt, sigmoid = last
     return sigmoid(convt(h))      # (N, C, S, S) channels-last strides: no NCHW copy (the step's peak memory)
 

@@ -118,8 +118,8 @@ class SPYL(nn.Module):
 
     # The generic protocol is DBSE's, shared as-is (see the introduction).
     validate_input, _latent, _randn, _guard = DBSE.validate_input, DBSE._latent, DBSE._randn, DBSE._guard
-    encode, _features, _prior_init, prior, prior_rollout = (DBSE.encode, DBSE._features, DBSE._prior_init,
-                                                             DBSE.prior, DBSE.prior_rollout)
+    encode, frame_features, _features = DBSE.encode, DBSE.frame_features, DBSE._features
+    _prior_init, prior, prior_rollout = DBSE._prior_init, DBSE.prior, DBSE.prior_rollout
     _decode, decode, _evaluating, _pick, sample = DBSE._decode, DBSE.decode, DBSE._evaluating, DBSE._pick, DBSE.sample
     swap, fix_static_sample_dynamics = DBSE.swap, DBSE.fix_static_sample_dynamics
     fix_dynamics_sample_static = DBSE.fix_dynamics_sample_static
