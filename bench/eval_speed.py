@@ -7,7 +7,9 @@ The protocol is timed twice: the papers' two directions only (`swaps=False`) and
 (the MSD swap variant). Prints the times and their ratios. The model is freshly initialised (the timing does not
 depend on the weights); so is the judge when no trained judge of the preset's frame size is found (said so; the
 64x64 judge is the official layout). `--train-steps N` / `--repeats-timed k` time a part and scale it linearly
-(said so).
+(said so): N steps after one untimed warm-up step (a full epoch keeps its warm-up in the time); k repeats with
+their frame features, which the full protocol computes once for all repeats, so a scaled protocol time is an
+upper bound.
 
     python bench/eval_speed.py [--preset sprites-cpu|sprites] [--threads 2] [--judge <SEQDIS_CACHE>/judges/sprites32.pt]
                                [--train-steps N] [--repeats-timed k]
@@ -109,11 +111,13 @@ def main():
     starts = list(range(0, len(xs), cfg.batch_size))
     steps = starts if a.train_steps is None else starts[:a.train_steps]
     model.train()
-    t0 = time.time()
-    for s in steps:
+    def train_step(s):
         x = xs[perm[s:s + cfg.batch_size]].float() / 255
         loss, _ = model.training_loss(x, epoch=0, n_data=len(xs))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    if a.train_steps is not None: train_step(starts[-1])   # untimed warm-up, else scaling would repeat its cost
+    t0 = time.time()
+    for s in steps: train_step(s)
     train_t = (time.time() - t0) * len(starts) / len(steps)
     model.eval()
 
